@@ -1,0 +1,6 @@
+"""python -m scanmilter"""
+import sys
+
+from scanmilter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""Connection (one SMTP session) and Message (one transaction), with the bounded spool.
+
+Nothing here does network I/O. The handler feeds the callbacks' data in; the pipeline
+and the scanners read the spool back out through independent readers.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+
+class Spool:
+    """The message as received (header lines, blank line, body), bounded in memory.
+
+    Bytes stay in memory up to `memory_limit`; past it they move to a private,
+    unnamed temporary file (O_TMPFILE where the kernel has it, so nothing is ever
+    visible in the directory). Past `size_limit` bytes are counted but not stored, and
+    the spool is marked `oversize`: the sender's data is consumed either way, and what
+    to do with an oversize message is decided at end of message.
+    """
+
+    def __init__(self, memory_limit: int, size_limit: int, directory: str | None = None):
+        self.memory_limit = memory_limit
+        self.size_limit = size_limit
+        self.directory = directory
+        self.received = 0          # bytes offered, stored or not
+        self.stored = 0            # bytes kept
+        self.oversize = False
+        self._memory = bytearray()
+        self._file = None          # raw unbuffered file once rolled over
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+        room = self.size_limit - self.stored
+        if len(data) > room:
+            self.oversize = True
+            data = data[:max(room, 0)]
+        if not data:
+            return
+        if self._file is None and self.stored + len(data) > self.memory_limit:
+            self._rollover()
+        if self._file is None:
+            self._memory += data
+        else:
+            self._file.write(data)
+        self.stored += len(data)
+
+    def _rollover(self) -> None:
+        # TemporaryFile: O_TMPFILE or unlinked at once, mode 0600, in our own directory.
+        self._file = tempfile.TemporaryFile(dir=self.directory, buffering=0)
+        self._file.write(self._memory)
+        self._memory = bytearray()
+
+    @property
+    def on_disk(self) -> bool:
+        return self._file is not None
+
+    def reader(self, limit: int | None = None) -> io.RawIOBase:
+        """An independent reader from the start, at most `limit` bytes.
+
+        Several scanners read the same spool at the same time; each gets its own
+        position (pread on the shared descriptor), so no copy of a large message is made.
+        """
+        size = self.stored if limit is None else min(limit, self.stored)
+        if self._file is None:
+            return io.BytesIO(bytes(self._memory[:size]))
+        return _PReader(self._file.fileno(), size)
+
+    def getvalue(self) -> bytes:
+        with self.reader() as r:
+            return r.read()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._memory = bytearray()
+
+
+class _PReader(io.RawIOBase):
+    """Read-only view of the first `size` bytes of a file descriptor, own offset."""
+
+    def __init__(self, fd: int, size: int):
+        # A descriptor of our own: an engine thread still reading after its deadline
+        # must never read whatever file later reuses the spool's descriptor number.
+        self._fd, self._size, self._pos = os.dup(fd), size, 0
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        want = min(len(buf), self._size - self._pos)
+        if want <= 0:
+            return 0
+        data = os.pread(self._fd, want, self._pos)
+        buf[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+@dataclass
+class Connection:
+    """What Postfix told us about one SMTP session."""
+    client_address: str = ""
+    client_name: str = ""
+    daemon_name: str = ""
+    messages: int = 0
+
+
+@dataclass
+class Message:
+    """One transaction: MAIL FROM up to end of message or abort."""
+    sender: str
+    spool: Spool
+    auth_user: str = ""
+    recipients: list[str] = field(default_factory=list)
+    queue_id: str = ""
+    # (name, 1-based occurrence among headers of that name) of verdict headers we must strip
+    forged: list[tuple[str, int]] = field(default_factory=list)
+    subject: bytes | None = None    # raw value of the first Subject header, as received
+    header_count: int = 0
+    started: float = field(default_factory=time.monotonic)
+    error: str = ""                  # set when a no-reply callback failed; answered at eom
+    _seen: dict[str, int] = field(default_factory=dict)
+
+    def add_header(self, name: str, value: bytes, strip_prefixes: tuple[str, ...]) -> None:
+        """Record one header exactly as Postfix passed it (value with its leading space)."""
+        self.header_count += 1
+        key = name.lower()
+        count = self._seen.get(key, 0) + 1
+        self._seen[key] = count
+        if key.startswith(strip_prefixes):
+            self.forged.append((name, count))
+        if key == "subject" and self.subject is None:
+            self.subject = value
+        self.spool.write(name.encode("ascii", "replace") + b":" + value + b"\r\n")
+
+    def end_headers(self) -> None:
+        self.spool.write(b"\r\n")
+
+    def add_body(self, chunk: bytes) -> None:
+        self.spool.write(chunk)
+
+    @property
+    def size(self) -> int:
+        return self.spool.received
+
+    def close(self) -> None:
+        self.spool.close()
+

@@ -1,0 +1,62 @@
+"""inspect(message): scanners in parallel -> verdict -> decision. Read this module first.
+
+clamd and spamd scan the same spool at the same time (each through its own reader), so a
+message costs about the time of the slower engine, not the sum. The calling thread runs
+one engine itself and the shared pool runs the others: no thread is created per message.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from dataclasses import dataclass
+
+from . import policy as policy_mod
+from .scanners import ERROR, SKIPPED, TIMEOUT, ScanResult
+from .verdict import Verdict, combine
+
+# Time the pipeline grants past an engine's own timeout before giving up on its thread
+# (the engine's socket timeouts end the thread itself shortly after).
+DEADLINE_GRACE = 1.0
+
+
+@dataclass(frozen=True)
+class Inspection:
+    results: tuple[ScanResult, ...]
+    verdict: Verdict
+    decision: policy_mod.Decision
+    seconds: float
+
+
+class Pipeline:
+    def __init__(self, engines: list, threads: int):
+        self.engines = engines
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(threads, 1), thread_name_prefix="scan")
+
+    def scan(self, spool) -> list[ScanResult]:
+        if not self.engines:
+            return []
+        if spool.oversize:
+            # Part of a message is not the message: an engine could call a truncated zip clean.
+            return [ScanResult(e.name, SKIPPED, "oversize") for e in self.engines]
+        start = time.monotonic()
+        others = [(e, self.pool.submit(e.scan, spool)) for e in self.engines[1:]]
+        results = [self.engines[0].scan(spool)]
+        for engine, future in others:
+            left = start + engine.timeout + DEADLINE_GRACE - time.monotonic()
+            try:
+                results.append(future.result(timeout=max(left, 0)))
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                results.append(ScanResult(engine.name, ERROR, f"{TIMEOUT}: no result in time",
+                                          time.monotonic() - start))
+        return results
+
+    def inspect(self, spool, policy) -> Inspection:
+        start = time.monotonic()
+        results = self.scan(spool)
+        verdict = combine(results, oversize=spool.oversize)
+        decision = policy_mod.decide(verdict, policy)
+        return Inspection(tuple(results), verdict, decision, time.monotonic() - start)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,86 @@
+"""Scanning engines behind one small interface.
+
+An engine has a `name` and `scan(spool) -> ScanResult`. It never raises and never
+decides anything: every failure is an `error` result with its kind, so a dead or slow
+engine can never look like a clean message.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+CLEAN, FOUND, ERROR, SKIPPED = "clean", "found", "error", "skipped"
+
+# Error kinds: a small closed set, so they can label metrics and log lines.
+TIMEOUT, REFUSED, PROTOCOL = "timeout", "refused", "protocol"
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    engine: str
+    outcome: str                      # clean | found | error | skipped
+    detail: str = ""                  # error kind or skip reason
+    seconds: float = 0.0
+    viruses: tuple[str, ...] = ()     # clamd: signature names found
+    score: float | None = None        # spamd: the message's score
+    required: float | None = None     # spamd: its own required score
+    rules: tuple[str, ...] = ()       # spamd: names of the rules that hit
+
+
+class EngineError(Exception):
+    """A failed scan; `kind` is one of TIMEOUT, REFUSED, PROTOCOL."""
+
+    def __init__(self, kind: str, text: str):
+        super().__init__(text)
+        self.kind = kind
+
+
+class Deadline:
+    """One time budget for a whole exchange, turned into per-operation socket timeouts."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise EngineError(TIMEOUT, "deadline passed")
+        return left
+
+
+def connect(address: tuple[str, object], connect_timeout: float, deadline: Deadline) -> socket.socket:
+    """Open a stream socket to ("unix", path) or ("inet", (host, port))."""
+    kind, where = address
+    family = socket.AF_UNIX if kind == "unix" else socket.AF_INET6 if ":" in where[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(min(connect_timeout, deadline.left()))
+        sock.connect(where)
+    except socket.timeout:
+        sock.close()
+        raise EngineError(TIMEOUT, f"connect to {where} timed out") from None
+    except OSError as e:
+        sock.close()
+        raise EngineError(REFUSED, f"connect to {where}: {e.strerror or e}") from None
+    return sock
+
+
+def run(engine: str, scan) -> ScanResult:
+    """Time `scan()` and turn any failure into an error result."""
+    start = time.monotonic()
+    try:
+        result = scan()
+    except EngineError as e:
+        result = ScanResult(engine, ERROR, f"{e.kind}: {e}")
+    except socket.timeout:
+        result = ScanResult(engine, ERROR, f"{TIMEOUT}: no answer in time")
+    except OSError as e:
+        result = ScanResult(engine, ERROR, f"{REFUSED}: {e.strerror or e}")
+    except Exception as e:  # a bug or a surprise from a library: still never "clean"
+        result = ScanResult(engine, ERROR, f"{PROTOCOL}: {type(e).__name__}: {e}")
+    return ScanResult(**{**result.__dict__, "seconds": time.monotonic() - start})
+
+
+def error_kind(detail: str) -> str:
+    return detail.partition(":")[0]

@@ -1,0 +1,80 @@
+"""spamd: the SPAMC protocol (SYMBOLS) over TCP or a unix socket.
+
+SYMBOLS returns the score, spamd's own required score and the names of the rules that hit,
+without sending the message back. Messages over the size limit are skipped, or only their
+first bytes are sent, by setting (spamc itself skips anything over 500 KB).
+"""
+from __future__ import annotations
+
+import re
+import socket
+
+from . import CLEAN, FOUND, PROTOCOL, SKIPPED, Deadline, EngineError, ScanResult, connect, run
+
+CHUNK = 64 * 1024
+REPLY_LIMIT = 256 * 1024     # a SYMBOLS reply is a line of rule names; more than this is garbage
+
+_STATUS = re.compile(rb"SPAMD/\d+\.\d+ +(\d+) +([^\r\n]*)")
+_SPAM = re.compile(rb"(?im)^Spam: *(True|False|Yes|No) *; *(-?\d+(?:\.\d+)?) */ *(-?\d+(?:\.\d+)?)\s*$")
+_RULE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+
+
+class SpamdScanner:
+    name = "spamd"
+
+    def __init__(self, address, connect_timeout: float, timeout: float, size_limit: int,
+                 oversize_action: str = "skip", user: str = ""):
+        self.address, self.connect_timeout, self.timeout = address, connect_timeout, timeout
+        self.size_limit, self.oversize_action, self.user = size_limit, oversize_action, user
+
+    def scan(self, spool) -> ScanResult:
+        return run(self.name, lambda: self._scan(spool))
+
+    def _scan(self, spool) -> ScanResult:
+        size = spool.stored
+        if size > self.size_limit:
+            if self.oversize_action == "skip":
+                return ScanResult(self.name, SKIPPED, "size")
+            size = self.size_limit
+        deadline = Deadline(self.timeout)
+        sock = connect(self.address, self.connect_timeout, deadline)
+        try:
+            head = f"SYMBOLS SPAMC/1.5\r\nContent-length: {size}\r\n"
+            if self.user:
+                head += f"User: {self.user}\r\n"
+            sock.settimeout(deadline.left())
+            sock.sendall(head.encode("ascii") + b"\r\n")
+            with spool.reader(size) as reader:
+                while chunk := reader.read(CHUNK):
+                    sock.settimeout(deadline.left())
+                    sock.sendall(chunk)
+            sock.shutdown(socket.SHUT_WR)
+            reply = b""
+            while len(reply) <= REPLY_LIMIT:
+                sock.settimeout(deadline.left())
+                data = sock.recv(CHUNK)
+                if not data:
+                    break
+                reply += data
+        finally:
+            sock.close()
+        return parse_reply(reply)
+
+
+def parse_reply(reply: bytes) -> ScanResult:
+    """Read a SPAMD/1.x reply to SYMBOLS; anything malformed is a protocol error."""
+    head, sep, body = reply.partition(b"\r\n\r\n")
+    status = _STATUS.match(head)
+    if not status:
+        raise EngineError(PROTOCOL, f"unexpected spamd reply {reply[:100]!r}")
+    if status.group(1) != b"0":
+        raise EngineError(PROTOCOL, f"spamd error {status.group(1).decode()} {status.group(2)[:100]!r}")
+    spam = _SPAM.search(head)
+    if not spam or not sep:
+        raise EngineError(PROTOCOL, f"spamd reply without a Spam header {reply[:100]!r}")
+    score, required = float(spam.group(2)), float(spam.group(3))
+    rules = tuple(r for r in body.decode("ascii", "replace").replace("\r\n", "").split(",")
+                  if _RULE.fullmatch(r.strip()))
+    outcome = FOUND if spam.group(1) in (b"True", b"Yes") else CLEAN
+    return ScanResult(SpamdScanner.name, outcome, score=score, required=required,
+                      rules=tuple(r.strip() for r in rules))

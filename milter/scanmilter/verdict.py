@@ -1,0 +1,54 @@
+"""Scan results -> facts. No thresholds here: what the facts mean is policy's business."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .scanners import ERROR, FOUND, SKIPPED, ScanResult
+
+# Names that travel into headers, replies and log lines: keep a safe alphabet only,
+# so a hostile engine reply can never inject a header line or a terminal escape.
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.:/+-]")
+
+
+def safe_name(text: str, limit: int = 100) -> str:
+    return _UNSAFE.sub("_", text)[:limit] or "_"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    viruses: tuple[str, ...] = ()
+    score: float | None = None           # None: spam not scored
+    spamd_required: float | None = None
+    rules: tuple[str, ...] = ()
+    failed: tuple[tuple[str, str], ...] = ()     # (engine, detail)
+    skipped: tuple[tuple[str, str], ...] = ()    # (engine, reason)
+    engines: tuple[str, ...] = ()                # engines asked, in order
+    oversize: bool = False
+
+    def status_of(self, engine: str) -> str:
+        """clean | failed | skipped | absent, from the point of view of one engine."""
+        if engine not in self.engines:
+            return "absent"
+        if any(e == engine for e, _ in self.failed):
+            return "failed"
+        if any(e == engine for e, _ in self.skipped):
+            return "skipped"
+        return "clean"
+
+
+def combine(results: list[ScanResult], oversize: bool = False) -> Verdict:
+    viruses, rules, failed, skipped = [], [], [], []
+    score = required = None
+    for r in results:
+        if r.outcome == ERROR:
+            failed.append((r.engine, r.detail))
+        elif r.outcome == SKIPPED:
+            skipped.append((r.engine, r.detail))
+        if r.outcome == FOUND and r.viruses:
+            viruses += [safe_name(v) for v in r.viruses]
+        if r.score is not None:
+            score, required = r.score, r.required
+            rules += [safe_name(x) for x in r.rules]
+    return Verdict(tuple(viruses), score, required, tuple(rules), tuple(failed), tuple(skipped),
+                   tuple(r.engine for r in results), oversize)

@@ -1,0 +1,78 @@
+import pytest
+
+from conftest import ROOT
+from scanmilter import cli, config
+
+
+def write(tmp_path, text, name="scanmilter.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_load():
+    cfg = config.load(None)
+    assert cfg.spamd_size_limit == 512 * 1024
+    assert cfg.changed == frozenset()
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"unknown setting 'clamd_timout' \(did you mean clamd_timeout\?\)"):
+        config.load(write(tmp_path, "clamd_timout = 3\n"))
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("clamd_timeout = \"soon\"", "clamd_timeout must be a number"),
+    ("clamd_timeout = 0", "more than 0 seconds"),
+    ("spamd_size_limit = -1", "spamd_size_limit must be a whole number of bytes"),
+    ("scan_threads = 0", "at least 1"),
+    ("clamd_enabled = 1", "clamd_enabled must be true or false"),
+    ("spamd_oversize_action = \"drop\"", "must be one of skip, truncate"),
+    ("clamd_socket = \"/run/clamd.ctl\"", "clamd_socket"),
+    ("milter_socket = \"inet:127.0.0.1:8890\"", "libmilter syntax"),
+    ("milter_socket_mode = \"rw\"", "octal"),
+    ("spool_memory_limit = 100\nmessage_size_limit = 10", "larger than message_size_limit"),
+    ("clamd_timeout = ", "not valid TOML"),
+])
+def test_bad_values_stop_with_the_key_named(tmp_path, line, fragment):
+    with pytest.raises(config.ConfigError, match=fragment):
+        config.load(write(tmp_path, line + "\n"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(str(tmp_path / "nope.toml"))
+
+
+def test_policy_checks(tmp_path):
+    with pytest.raises(config.ConfigError, match="tag_level .* above reject_level"):
+        config.load_policy(write(tmp_path, "tag_level = 20.0\n", "p.toml"))
+    with pytest.raises(config.ConfigError, match="bad placeholder"):
+        config.load_policy(write(tmp_path, 'virus_reply = "bad {name}"\n', "p.toml"))
+    with pytest.raises(config.ConfigError, match="control characters"):
+        config.load_policy(write(tmp_path, 'spam_reply = "a\\r\\nb"\n', "p.toml"))
+    assert config.load_policy(write(tmp_path, 'tag_level = "spamd"\n', "p.toml")).tag_level == "spamd"
+
+
+def test_shipped_default_policy_is_the_builtin_default():
+    shipped = config.load_policy(str(ROOT / "policies" / "default.toml"))
+    builtin = config.load_policy("")
+    assert dict(shipped.items()) == dict(builtin.items())
+    assert shipped.changed == {s.name for s in config.POLICY_SETTINGS}   # the file states every setting
+
+
+def test_check_config_prints_defaults_and_changes(tmp_path, capsys):
+    path = write(tmp_path, 'clamd_timeout = 5\nspamd_socket = "unix:/run/spamd.sock"\n')
+    assert cli.main(["check-config", "-c", path]) == 0
+    out = capsys.readouterr().out
+    assert "clamd_timeout = 5.0  # changed, default 30.0" in out
+    assert 'spamd_size_limit = 524288  # bytes:' in out
+    assert cli.main(["check-config", "-c", path, "-n"]) == 0
+    changed = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")]
+    assert [line.split(" =")[0] for line in changed] == ["clamd_timeout", "spamd_socket"]
+
+
+def test_check_config_fails_cleanly(tmp_path, capsys):
+    assert cli.main(["check-config", "-c", write(tmp_path, "bogus = 1\n")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("scanmilter: fatal: ") and "bogus" in err and "Traceback" not in err

@@ -1,0 +1,213 @@
+"""End to end: real Postfix -> scanmilter -> real clamd and spamd -> a sink, all on loopback.
+
+The stack (tools/stack.py) is started once for the module; each test sends mail through
+Postfix with smtplib and looks at the SMTP answer and at what reached the sink.
+"""
+import email.utils
+import os
+import re
+import tempfile
+import time
+import uuid
+from email.message import EmailMessage
+
+import pytest
+
+import stack as stacklib
+
+pytestmark = pytest.mark.integration
+
+OUTSIDE = "203.0.113.7"          # XCLIENT makes the client look like this host
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+@pytest.fixture(scope="module")
+def stack():
+    # mkdtemp: its parents are world-searchable, which Postfix and spamd's users need.
+    root = tempfile.mkdtemp(prefix="scanmilter-e2e-")
+    s = stacklib.Stack(root, smtp_port=stacklib.free_port(), scanmilter_settings={"log_level": "debug"})
+    s.start()
+    yield s
+    s.stop()
+
+
+def make(subject, body="Hello,\nthis is an ordinary message.\n", attachment=None, extra=(), msgid=None):
+    m = EmailMessage()
+    m["From"] = "Alice <alice@outside.test>"
+    m["To"] = "bob@example.com"
+    m["Subject"] = subject
+    m["Message-ID"] = msgid or email.utils.make_msgid(domain="outside.test")
+    m["Date"] = email.utils.formatdate()
+    for name, value in extra:
+        m[name] = value
+    m.set_content(body)
+    if attachment:
+        m.add_attachment(attachment, maintype="application", subtype="octet-stream", filename="file.com")
+    return m.as_bytes()
+
+
+def send(stack, data, rcpt="bob@example.com", outside=True):
+    return stack.send(data, "alice@outside.test", [rcpt], xclient_addr=OUTSIDE if outside else None)
+
+
+def delivered_with(stack, marker, timeout=30):
+    """The one delivered message containing `marker`, waiting for it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [d for d in stack.delivered() if marker.encode() in d.data]
+        if found:
+            assert len(found) == 1, f"{marker} delivered {len(found)} times"
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"{marker} not delivered; postfix log:\n{stack.postfix_log()[-3000:]}")
+
+
+def not_delivered(stack, marker):
+    return not [d for d in stack.delivered() if marker.encode() in d.data]
+
+
+def header_lines(data: bytes, name: str):
+    head = data.split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    return re.findall(rf"(?im)^{re.escape(name)}:[^\n]*(?:\n[ \t][^\n]*)*", head)
+
+
+def test_clean_mail_is_delivered_with_our_headers(stack):
+    marker = uuid.uuid4().hex
+    data = make(f"clean {marker}")
+    r = send(stack, data)
+    assert r["code"] == 250, r
+    d = delivered_with(stack, marker)
+    assert d.recipients == ["bob@example.com"]
+    assert header_lines(d.data, "X-Virus-Status") == ["X-Virus-Status: clean"]
+    status = header_lines(d.data, "X-Spam-Status")
+    assert len(status) == 1 and re.match(r"X-Spam-Status: No, score=-?\d+\.\d required=5\.0 tests=", status[0])
+    assert header_lines(d.data, "X-Spam-Flag") == []
+    # the body reaches the sink unchanged
+    assert d.data.split(b"\n\n", 1)[1] == data.split(b"\n\n", 1)[1]
+
+
+def test_one_summary_line_per_message_keyed_by_queue_id(stack):
+    marker = uuid.uuid4().hex
+    assert send(stack, make(f"logged {marker}", msgid=f"<{marker}@outside.test>"))["code"] == 250
+    delivered_with(stack, marker)
+    qid = re.search(rf"cleanup\[\d+\]: ([0-9A-Za-z]+): message-id=<{marker}@", stack.postfix_log()).group(1)
+    lines = [line for line in stack.logs["scanmilter"].read_text().splitlines() if line.startswith(qid + ":")]
+    assert len(lines) == 1
+    assert re.fullmatch(rf"{qid}: action=accept, reason=ham, virus=-, score=-?\d+\.\d, "
+                        rf"from=<alice@outside.test>, rcpts=1, size=\d+, ms=\d+, client={OUTSIDE}", lines[0])
+
+
+def test_gtube_is_rejected(stack):
+    marker = uuid.uuid4().hex
+    r = send(stack, make(f"gtube {marker}", body=f"{GTUBE}\n"))
+    assert r["code"] == 550 and "5.7.1" in r["reply"] and "spam" in r["reply"], r
+    time.sleep(0.5)
+    assert not_delivered(stack, marker)
+
+
+def test_eicar_is_rejected_naming_the_virus(stack):
+    marker = uuid.uuid4().hex
+    r = send(stack, make(f"eicar {marker}", body=stacklib.eicar().decode() + "\n"))
+    assert r["code"] == 550 and "5.7.1" in r["reply"], r
+    assert "Eicar-Test-Signature" in r["reply"]
+    assert not_delivered(stack, marker)
+
+
+def test_eicar_as_a_base64_attachment_is_rejected(stack):
+    marker = uuid.uuid4().hex
+    data = make(f"attachment {marker}", attachment=stacklib.eicar())
+    assert b"multipart/mixed" in data and b"base64" in data
+    r = send(stack, data)
+    assert r["code"] == 550 and "Eicar-Test-Signature" in r["reply"], r
+    assert not_delivered(stack, marker)
+
+
+def test_forged_verdict_headers_are_removed(stack):
+    marker = uuid.uuid4().hex
+    data = make(f"forged {marker}", extra=[("X-Spam-Flag", "YES"), ("X-Virus-Status", "clean (trust me)"),
+                                           ("x-spam-status", "No, score=-100")])
+    assert send(stack, data)["code"] == 250
+    d = delivered_with(stack, marker)
+    assert header_lines(d.data, "X-Spam-Flag") == []
+    assert header_lines(d.data, "X-Virus-Status") == ["X-Virus-Status: clean"]
+    assert len(header_lines(d.data, "X-Spam-Status")) == 1
+    assert "score=-100" not in d.data.decode("utf-8", "replace")
+
+
+def test_subject_is_tagged_once_between_tag_and_reject_level(stack):
+    marker = uuid.uuid4().hex
+    assert send(stack, make(f"scanmilter-tag-test {marker}"))["code"] == 250
+    d = delivered_with(stack, marker)
+    assert header_lines(d.data, "Subject") == [f"Subject: [SPAM] scanmilter-tag-test {marker}"]
+    assert header_lines(d.data, "X-Spam-Flag") == ["X-Spam-Flag: YES"]
+    assert "SCANMILTER_TAG_TEST" in "".join(header_lines(d.data, "X-Spam-Status"))
+    # already tagged: never twice
+    marker2 = uuid.uuid4().hex
+    assert send(stack, make(f"[SPAM] scanmilter-tag-test {marker2}"))["code"] == 250
+    d2 = delivered_with(stack, marker2)
+    assert header_lines(d2.data, "Subject") == [f"Subject: [SPAM] scanmilter-tag-test {marker2}"]
+
+
+def test_clamd_down_tempfails_and_clamd_back_delivers(stack):
+    marker = uuid.uuid4().hex
+    data = make(f"clamd-down {marker}")
+    stack.stop_service("clamd")
+    try:
+        r = send(stack, data)
+        assert r["code"] == 451 and "4.7.1" in r["reply"], r
+        time.sleep(0.5)
+        assert not_delivered(stack, marker)
+    finally:
+        stack.start_service("clamd")
+    r = send(stack, data)                    # the sender's retry
+    assert r["code"] == 250, r
+    delivered_with(stack, marker)
+    assert "clamd scan failed: refused" in stack.logs["scanmilter"].read_text()
+
+
+def test_large_message_spills_to_disk_and_arrives_intact(stack):
+    marker = uuid.uuid4().hex
+    body = "".join(f"line {i:07d} of a large but ordinary message {marker}\n" for i in range(40000))
+    data = make(f"large {marker}", body=body)           # about 2.5 MB: over spamd_size_limit
+    assert send(stack, data)["code"] == 250
+    d = delivered_with(stack, marker, timeout=60)
+    assert d.data.split(b"\n\n", 1)[1] == data.split(b"\n\n", 1)[1]
+    assert header_lines(d.data, "X-Virus-Status") == ["X-Virus-Status: clean"]
+    assert header_lines(d.data, "X-Spam-Status") == ["X-Spam-Status: unscanned (size)"]
+
+
+def _peak_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1))
+
+
+def test_50_mb_message_does_not_grow_memory(stack):
+    pid = stack._pids("scanmilter")[0][0]
+    marker = uuid.uuid4().hex
+    # warm up: one ordinary message so that lazily built parts exist before measuring
+    assert send(stack, make(f"warm {marker}"))["code"] == 250
+    before = _peak_rss_kib(pid)
+    line = ("%s 0123456789abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ\n" % marker)
+    body = line * (50_000_000 // len(line))
+    r = send(stack, make(f"huge {marker}", body=body))
+    assert r["code"] == 250, r
+    growth_mib = (_peak_rss_kib(pid) - before) / 1024
+    print(f"peak RSS growth for a 50 MB message: {growth_mib:.1f} MiB")
+    assert growth_mib < 8
+
+
+def test_scanmilter_stops_cleanly_on_sigterm(stack):
+    import signal
+    [(pid, _)] = stack._pids("scanmilter")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while stacklib._alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not stacklib._alive(pid)
+        assert stack._procs["scanmilter"].wait(timeout=5) == 0
+        assert "stopped" in stack.logs["scanmilter"].read_text()
+    finally:
+        stack.start_service("scanmilter")
+    marker = uuid.uuid4().hex
+    assert send(stack, make(f"after restart {marker}"))["code"] == 250

@@ -1,0 +1,152 @@
+"""The milter callbacks driven directly (no MTA), with engines replaced by canned results.
+What Postfix really does with the edits is shown by the integration tests."""
+import re
+
+import Milter
+
+from scanmilter import config
+from scanmilter.handler import Handler, Runtime, fold
+from scanmilter.pipeline import Pipeline
+from scanmilter.scanners import ScanResult
+
+
+class Ctx:
+    """Records what the handler asks of libmilter."""
+
+    def __init__(self, macros):
+        self.macros, self.calls, self.reply = macros, [], None
+
+    def setpriv(self, priv):
+        self.priv = priv
+
+    def getsymval(self, name):
+        return self.macros.get(name)
+
+    def addheader(self, name, value, idx):
+        self.calls.append(("add", name, value))
+
+    def chgheader(self, name, idx, value):
+        self.calls.append(("chg", name, idx, value))
+
+    def setreply(self, *args):
+        self.reply = args
+
+
+class Engine:
+    def __init__(self, name, result=None, exc=None):
+        self.name, self.timeout, self.result, self.exc, self.seen = name, 1.0, result, exc, []
+
+    def scan(self, spool):
+        self.seen.append(spool.getvalue())
+        if self.exc:
+            raise self.exc
+        return self.result
+
+
+def handler(*engines, **policy):
+    cfg = config.load(None)
+    pol = config.parse(config.POLICY_SETTINGS, policy, "test")
+    h = Handler(Runtime(cfg, pol, Pipeline(list(engines), 2)))
+    h._setctx(Ctx({"i": "4XQID1", "{daemon_name}": "smtpd"}))
+    h._protocol, h._actions = 0, Milter.ADDHDRS | Milter.CHGHDRS
+    return h
+
+
+def feed(h, headers, body=b"hello\r\n", sender="<a@example.org>", rcpts=("<u@example.com>",)):
+    assert h.connect("client.example", 2, ("192.0.2.1", 25)) == Milter.CONTINUE
+    h.envfrom(sender)
+    for r in rcpts:
+        h.envrcpt(r)
+    for name, value in headers:
+        h.header_bytes(name, value)
+    h.eoh()
+    h.body(body)
+    return h.eom()
+
+
+SPAM8 = ScanResult("spamd", "found", score=8.0, required=5.0, rules=("SCANMILTER_TAG_TEST",))
+HAM = ScanResult("spamd", "clean", score=0.1, required=5.0, rules=("NO_RELAYS",))
+CLEAN = ScanResult("clamd", "clean")
+
+
+def test_engines_see_the_message_byte_exact():
+    spamd, clamd = Engine("spamd", HAM), Engine("clamd", CLEAN)
+    h = handler(spamd, clamd)
+    rc = feed(h, [("Subject", b" caf\xc3\xa9"), ("From", b"\t<a@example.org>")], body=b"x\r\n")
+    assert rc == Milter.ACCEPT
+    expected = b"Subject: caf\xc3\xa9\r\nFrom:\t<a@example.org>\r\n\r\nx\r\n"
+    assert spamd.seen == [expected] and clamd.seen == [expected]
+    assert h._ctx.calls == [("add", "X-Virus-Status", " clean"),
+                            ("add", "X-Spam-Status", " No, score=0.1 required=5.0 tests=NO_RELAYS")]
+
+
+def test_forged_verdicts_are_removed_highest_index_first():
+    h = handler(Engine("spamd", HAM), Engine("clamd", CLEAN))
+    feed(h, [("X-Spam-Flag", b" YES"), ("Subject", b" hi"), ("x-spam-flag", b" YES"),
+             ("X-Virus-Status", b" clean")])
+    removes = [c for c in h._ctx.calls if c[0] == "chg"]
+    assert removes == [("chg", "X-Virus-Status", 1, None), ("chg", "x-spam-flag", 2, None),
+                       ("chg", "X-Spam-Flag", 1, None)]
+
+
+def test_subject_is_tagged_once_and_8bit_subjects_survive():
+    h = handler(Engine("spamd", SPAM8), Engine("clamd", CLEAN))
+    feed(h, [("Subject", b" Gr\xfc\xdfe")])                # invalid UTF-8 from the wire
+    assert ("chg", "Subject", 1, " [SPAM] Gr\ufffd\ufffde") in h._ctx.calls
+    assert ("add", "X-Spam-Flag", " YES") in h._ctx.calls
+    h = handler(Engine("spamd", SPAM8), Engine("clamd", CLEAN))
+    feed(h, [("Subject", b" [SPAM] again")])
+    assert not [c for c in h._ctx.calls if c[1] == "Subject"]
+    h = handler(Engine("spamd", SPAM8), Engine("clamd", CLEAN))
+    feed(h, [("From", b" a@b")])
+    assert ("add", "Subject", " [SPAM]") in h._ctx.calls
+
+
+def test_virus_reject_reply_doubles_percent():
+    virus = ScanResult("clamd", "found", viruses=("Win.100%.Bad",))
+    h = handler(Engine("spamd", HAM), Engine("clamd", virus), virus_reply="100% sure: {virus}")
+    assert feed(h, [("Subject", b" x")]) == Milter.REJECT
+    # names are reduced to a safe alphabet; libmilter wants a literal % doubled
+    assert h._ctx.reply == ("550", "5.7.1", "100%% sure: Win.100_.Bad")
+
+
+def test_a_bug_in_our_code_is_a_451_not_a_crash(caplog):
+    h = handler(Engine("spamd", exc=None, result=None), Engine("clamd", CLEAN))   # result None -> bug
+    assert feed(h, [("Subject", b" x")]) == Milter.TEMPFAIL
+    assert h._ctx.reply[:2] == ("451", "4.7.1")
+    assert h.rt.in_flight == 0
+
+
+def test_an_error_before_eom_is_answered_at_eom():
+    h = handler(Engine("spamd", HAM), Engine("clamd", CLEAN))
+    h.connect("c", 2, ("192.0.2.1", 25))
+    h.envfrom("<a@b>")
+    def broken(*args):
+        raise RuntimeError("bug")
+    h.msg.add_header = broken             # the next callback fails inside our code
+    assert h.header_bytes("Subject", b" x") == Milter.CONTINUE
+    h.eoh()
+    assert h.eom() == Milter.TEMPFAIL and h._ctx.reply[0] == "451"
+    # the next transaction on the same connection starts clean
+    h.envfrom("<a@b>")
+    h.eoh()
+    assert h.eom() == Milter.ACCEPT
+
+
+def test_abort_and_close_release_the_message():
+    h = handler(Engine("spamd", HAM))
+    h.connect("c", 2, ("192.0.2.1", 25))
+    h.envfrom("<a@b>")
+    assert h.rt.in_flight == 1
+    h.abort()
+    h.envfrom("<a@b>")
+    h.close()
+    assert h.rt.in_flight == 0 and h.msg is None
+
+
+def test_fold_keeps_lines_short_and_unfolds_back():
+    value = "Yes, score=9.0 required=5.0 tests=" + ",".join(f"RULE_NUMBER_{i}" for i in range(12))
+    folded = fold("X-Spam-Status", value)
+    lines = ("X-Spam-Status: " + folded).split("\n")
+    assert all(len(line) <= 78 for line in lines) and len(lines) > 1
+    assert re.sub(r"\s", "", folded) == re.sub(r"\s", "", value)     # only white space was added

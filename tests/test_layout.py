@@ -1,0 +1,44 @@
+"""The source tree: milter/ must never become a package that shadows pymilter's extension."""
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+from scanmilter import app, config
+
+
+def test_no_package_named_milter():
+    assert not (ROOT / "milter" / "__init__.py").exists()
+
+
+def test_import_milter_is_the_extension():
+    app.check_milter_extension()          # raises ConfigError otherwise
+    import milter
+    assert milter.__file__.endswith(".so")
+
+
+def test_startup_check_catches_a_shadowing_package(tmp_path):
+    (tmp_path / "milter").mkdir()
+    (tmp_path / "milter" / "__init__.py").write_text("")
+    code = ("import sys; sys.path[:0] = [%r, %r]\n"
+            "from scanmilter import app, config\n"
+            "try:\n    app.check_milter_extension()\nexcept config.ConfigError as e:\n    print('caught', e)\n"
+            % (str(tmp_path), str(ROOT / "milter")))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("caught") and "shadowing" in out
+
+
+def test_readme_settings_tables_match_the_code():
+    readme = (ROOT / "README.md").read_text()
+    assert config.markdown_table(config.DAEMON_SETTINGS) in readme
+    assert config.markdown_table(config.POLICY_SETTINGS) in readme
+
+
+def test_no_module_named_like_pymilter_parts():
+    names = {p.stem for p in (ROOT / "milter").rglob("*.py")} | {p.name for p in (ROOT / "milter").rglob("*")}
+    assert not names & {"milter", "Milter", "mime"}
+
+
+def test_version_is_single_sourced():
+    setup = (ROOT / "setup.cfg").read_text()
+    assert re.search(r"version = attr: scanmilter.__version__", setup)

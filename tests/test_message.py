@@ -1,0 +1,59 @@
+import os
+
+from scanmilter.message import Message, Spool
+
+
+def test_spool_stays_in_memory_below_the_threshold():
+    s = Spool(memory_limit=100, size_limit=1000)
+    s.write(b"a" * 100)
+    assert not s.on_disk and s.getvalue() == b"a" * 100
+
+
+def test_spool_rolls_over_to_an_unnamed_file(tmp_path):
+    s = Spool(memory_limit=10, size_limit=1000, directory=str(tmp_path))
+    s.write(b"0123456789")
+    s.write(b"abc")
+    assert s.on_disk
+    assert os.listdir(tmp_path) == []          # no name in the directory, ever
+    assert s.getvalue() == b"0123456789abc"
+    s.close()
+
+
+def test_over_the_size_limit_keeps_counting_but_stops_storing():
+    s = Spool(memory_limit=4, size_limit=8)
+    for _ in range(5):
+        s.write(b"xyz")
+    assert s.oversize and s.received == 15 and s.stored == 8
+    assert s.getvalue() == b"xyzxyzxy"
+
+
+def test_readers_are_independent_and_limited(tmp_path):
+    s = Spool(memory_limit=4, size_limit=100, directory=str(tmp_path))
+    s.write(b"hello world")
+    a, b = s.reader(), s.reader(5)
+    assert a.read(3) == b"hel"
+    assert b.read() == b"hello"
+    assert a.read() == b"lo world"
+    a.close()
+    b.close()
+
+
+def test_reader_outlives_the_spool(tmp_path):
+    s = Spool(memory_limit=1, size_limit=100, directory=str(tmp_path))
+    s.write(b"data")
+    r = s.reader()
+    s.close()                                  # a late engine thread still reads its own descriptor
+    assert r.read() == b"data"
+    r.close()
+
+
+def test_message_records_headers_byte_exact_and_forged_ones():
+    m = Message("a@b", Spool(1024, 1024))
+    m.add_header("Subject", b" hi \xff", ("x-spam-",))
+    m.add_header("X-Spam-Flag", b" YES", ("x-spam-",))
+    m.add_header("x-spam-flag", b"YES", ("x-spam-",))
+    m.end_headers()
+    m.add_body(b"body\r\n")
+    assert m.spool.getvalue() == b"Subject: hi \xff\r\nX-Spam-Flag: YES\r\nx-spam-flag:YES\r\n\r\nbody\r\n"
+    assert m.forged == [("X-Spam-Flag", 1), ("x-spam-flag", 2)]
+    assert m.subject == b" hi \xff"

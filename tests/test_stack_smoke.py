@@ -1,0 +1,89 @@
+"""Self-check of tools/stack.py: the test stack itself, wired to a trivial milter instead of scanmilter."""
+import base64
+import email.utils
+import hashlib
+import shutil
+import socket
+import struct
+import sys
+import tempfile
+import time
+
+import pytest
+
+import stack as stacklib
+
+TRIVIAL_MILTER = '''
+import os, sys, Milter
+class Trivial(Milter.Base):
+    def eom(self):
+        self.addheader("X-Trivial-Milter", "seen")
+        return Milter.ACCEPT
+os.umask(0)
+Milter.factory = Trivial
+Milter.set_flags(Milter.ADDHDRS)
+Milter.runmilter("trivial", sys.argv[1], 240)
+'''
+
+
+def test_eicar_is_built_at_run_time():
+    assert hashlib.md5(stacklib.eicar()).hexdigest() == "44d88612fea8a8f36de82e1278abb02f"
+
+
+def test_toml_values():
+    assert [stacklib._toml(v) for v in (True, 3, 0.5, 'a"b')] == ["true", "3", "0.5", '"a\\"b"']
+
+
+def test_parse_sink_dump(tmp_path):
+    dump = tmp_path / "20260101000000.abcd"
+    dump.write_bytes(b"X-Client-Addr: 127.0.0.1\nX-Client-Proto: ESMTP\nX-Mail-Args: <a@x.test> SIZE=9\n"
+                     b"X-Rcpt-Args: <b@example.com> ORCPT=rfc822;b@example.com\nX-Rcpt-Args: <c@example.com>\n"
+                     b"Received: from h ([127.0.0.1])\n\tby smtp-sink (smtp-sink) with ESMTP id abcd;\n"
+                     b"\tThu, 1 Jan 2026 00:00:00 +0000 (UTC)\nSubject: hi\n\nbody\n\n")
+    d = stacklib._parse_dump(dump)
+    assert (d.sender, d.recipients, d.data) == ("a@x.test", ["b@example.com", "c@example.com"],
+                                                b"Subject: hi\n\nbody\n")
+
+
+@pytest.mark.integration
+def test_stack_end_to_end_with_a_trivial_milter():
+    pytest.importorskip("Milter")
+    root = tempfile.mkdtemp(prefix="scanmilter-stack-")
+    milter = f"{root}/trivial_milter.py"
+    with open(milter, "w") as f:
+        f.write(TRIVIAL_MILTER)
+    s = stacklib.Stack(root, smtp_port=stacklib.free_port(), milter_cmd=[sys.executable, milter, "{socket}"])
+    msg = b"From: a@outside.test\r\nTo: b@example.com\r\nSubject: hello\r\n\r\nbody\r\n.dot\r\n"
+    try:
+        s.start()
+        assert s.send(msg, "a@outside.test", ["b@example.com"], xclient_addr="203.0.113.7")["code"] == 250
+        r = s.send(msg, "a@outside.test", ["x@elsewhere.test"], xclient_addr="203.0.113.7")
+        assert (r["code"], r["stage"]) == (554, "rcpt") and "Relay access denied" in r["reply"]
+        [d] = s.wait_delivered(1)
+        assert d.recipients == ["b@example.com"] and b"X-Trivial-Milter: seen" in d.data
+        assert d.data.endswith(b"body\n.dot\n")
+        # clamd finds EICAR in a MIME attachment; spamd scores GTUBE ~1000, our test rule 8, ham ~0
+        mime = (b"From: a@outside.test\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=B\n\n--B\nContent-Type: application/octet-stream\n"
+                b"Content-Transfer-Encoding: base64\n\n" + base64.encodebytes(stacklib.eicar()) + b"--B--\n")
+        reply = stacklib._chat(s.clamd_socket, b"zINSTREAM\0" + struct.pack("!L", len(mime)) + mime + b"\0" * 4)
+        assert reply == b"stream: Eicar-Test-Signature.UNOFFICIAL FOUND\0"
+        gtube = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+        for subject, text, low, high in (("scanmilter-tag-test", "hello", 5, 15), ("hello", gtube, 900, 1100),
+                                         ("hello", "hello", -2, 2)):
+            body = (f"From: a@outside.test\r\nTo: b@example.com\r\nSubject: {subject}\r\n"
+                    f"Date: {email.utils.formatdate()}\r\nMessage-ID: <{time.time()}@outside.test>\r\n"
+                    f"\r\n{text}, a few words of ordinary text\r\n").encode()
+            reply = stacklib._chat(s.spamd_port, b"CHECK SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(body) + body)
+            score = float(reply.split(b"; ")[1].split(b" /")[0])
+            assert low < score < high, reply
+        s.stop_service("sink")      # mail waits in the queue, then arrives after the sink is back
+        assert s.send(msg, "a@outside.test", ["c@example.com"])["code"] == 250
+        s.start_service("sink")
+        s.flush()
+        assert len(s.wait_delivered(2)) == 2
+    finally:
+        s.stop()
+    assert all(not alive for pids in s.status().values() for _, alive in pids)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", s.smtp_port), timeout=1)
+    shutil.rmtree(root, ignore_errors=True)

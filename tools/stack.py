@@ -1,0 +1,590 @@
+"""A private, offline mail stack for scanmilter's integration tests and `make demo`.
+
+Everything lives under one directory DIR (absolute path) and listens on 127.0.0.1 or unix sockets:
+
+  clamd       DIR/clamd/clamd.sock (+ TCP port), a one-line .ndb database that detects EICAR
+  spamd       127.0.0.1:SPAMD_PORT, Debian's rules + DIR/spamd/site/local.cf (no Bayes, no network,
+              rule SCANMILTER_TAG_TEST: "scanmilter-tag-test" in Subject scores 8.0)
+  sink        smtp-sink on 127.0.0.1:SINK_PORT, one file per delivered message in DIR/delivered/
+  scanmilter  `python -m scanmilter serve -c DIR/scanmilter/scanmilter.toml`, milter on
+              DIR/scanmilter/scanmilter.sock
+  postfix     private instance (config DIR/postfix/etc) with smtpd on 127.0.0.1:SMTP_PORT, relays
+              everything to the sink, smtpd_milters = the scanmilter socket
+
+Every process is recorded in DIR/run/NAME.pid ("pid starttime" per line) and stopped by pid:
+SIGTERM, wait (reading /proc/PID/stat, since zombies linger), then SIGKILL after a bounded wait.
+The postfix and debian-spamd users must be able to reach DIR: every parent directory must be
+world-searchable (pytest's tmp_path under /tmp/pytest-of-root, mode 0700, is not; use mkdtemp).
+
+Command line:  python tools/stack.py up|down|status --dir DIR [--smtp-port N]
+"""
+import argparse, base64, dataclasses, email, email.policy, json, os, pwd, shutil, signal
+import shlex, smtplib, socket, subprocess, sys, time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICES = ("clamd", "spamd", "sink", "scanmilter", "postfix")  # start order
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL (libmilter notices shutdown every 5 s)
+# The EICAR test string, base64 of its reversed bytes, so that no antivirus flags this file.
+_EICAR_REVERSED_B64 = ("KkgrSCQhRUxJRi1UU0VULVNVUklWSVROQS1EUkFETkFUUy1SQUNJRSR9NylDQzcpXlAoNDVYWlBc"
+                       "NFtQQUAlUCFPNVg=")
+
+
+def eicar() -> bytes:
+    """The 68-byte EICAR anti-virus test string, built at run time."""
+    return base64.b64decode(_EICAR_REVERSED_B64)[::-1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Delivery:
+    """One message received by the sink."""
+    path: Path
+    sender: str
+    recipients: list
+    data: bytes          # the message as delivered (header + body, LF line ends)
+    client_addr: str
+
+    def message(self):
+        return email.message_from_bytes(self.data, policy=email.policy.default)
+
+
+# ---------------------------------------------------------------- process helpers
+def _proc_stat(pid):
+    """(state, starttime) of a process from /proc/PID/stat, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()  # the comm field may hold spaces
+        return rest[0], rest[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid, starttime=None):
+    st = _proc_stat(pid)
+    return bool(st) and st[0] not in "ZX" and (starttime is None or st[1] == starttime)
+
+
+def _stop_pids(entries, timeout=STOP_TIMEOUT, reap=()):
+    """SIGTERM every live (pid, starttime), wait, SIGKILL the process group of any left over."""
+    live = [(p, s) for p, s in entries if _alive(p, s)]
+    groups = set()
+    for pid, _ in live:
+        try:
+            if os.getpgid(pid) == pid:  # we start everything in its own session
+                groups.add(pid)
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if sig == signal.SIGKILL:
+            for pid, s in live:
+                if _alive(pid, s):
+                    _signal(pid, sig, pid in groups)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            for proc in reap:
+                proc.poll()  # reap our own children so they do not stay zombies
+            if not any(_alive(p, s) for p, s in live):
+                break
+            time.sleep(0.05)
+    for pid in groups:  # sweep stragglers (spamd or Postfix children) of dead leaders
+        _signal(pid, signal.SIGKILL, True)
+    return [p for p, s in live if _alive(p, s)]
+
+
+def _signal(pid, sig, group):
+    try:
+        os.killpg(pid, sig) if group else os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _tail(path, lines=25):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _bin(name):
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin:/bin"
+    found = shutil.which(name, path=path)
+    if not found:
+        raise StackError(f"{name} not found in {path}")
+    return found
+
+
+def _toml(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _chown(path, user):
+    pw = pwd.getpwnam(user)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+# ---------------------------------------------------------------- the stack
+class Stack:
+    def __init__(self, root, *, smtp_port=2525, with_milter=True, milter_cmd=None,
+                 scanmilter_settings=None, policy_text=None, spamd_children=2, clamd_settings=None):
+        self.root = Path(root).resolve()
+        self.smtp_port, self.with_milter, self.spamd_children = smtp_port, with_milter, spamd_children
+        self.milter_cmd = milter_cmd  # list of str; "{socket}", "{config}", "{root}" are filled in
+        self.scanmilter_settings = dict(scanmilter_settings or {})
+        self.clamd_settings = dict(clamd_settings or {})
+        self.policy_text = policy_text
+        self.sink_port, self.spamd_port, self.clamd_port = free_port(), free_port(), free_port()
+        r = self.root
+        self.run_dir, self.delivered_dir = r / "run", r / "delivered"
+        self.clamd_socket = r / "clamd" / "clamd.sock"
+        self.milter_socket = r / "scanmilter" / "scanmilter.sock"
+        self.milter_config = r / "scanmilter" / "scanmilter.toml"
+        self.postfix_conf, self.queue_dir = r / "postfix" / "etc", r / "postfix" / "queue"
+        self.logs = {name: r / name / f"{name}.log" for name in SERVICES}
+        self._procs = {}
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # ------------------------------------------------------------ configuration files
+    def _write_configs(self):
+        r = self.root
+        r.mkdir(parents=True, exist_ok=True)
+        os.chmod(r, 0o755)  # mkdtemp makes 0700
+        for parent in r.parents:
+            if parent.stat().st_mode & 0o001 == 0:
+                raise StackError(f"{parent} is not world-searchable (mode {parent.stat().st_mode & 0o777:o}):"
+                                 f" the postfix and debian-spamd users cannot reach {r}."
+                                 " Use a directory made with tempfile.mkdtemp() (not pytest's tmp_path).")
+        for d in ("run", "clamd/db", "clamd/tmp", "spamd/site", "spamd/home", "sink", "scanmilter",
+                  "postfix/etc", "postfix/data", "postfix/queue", "delivered"):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        _chown(r / "postfix/data", "postfix")
+        _chown(r / "delivered", "postfix")
+        _chown(r / "spamd/home", "debian-spamd")
+
+        # clamd: a one-signature database, the signature's hex made by sigtool
+        hexsig = subprocess.run([_bin("sigtool"), "--hex-dump"], input=eicar(), capture_output=True,
+                                check=True).stdout.decode().strip()
+        (r / "clamd/db/scanmilter-test.ndb").write_text(f"Eicar-Test-Signature:0:*:{hexsig}\n")
+        clamd = {"Foreground": "yes", "LocalSocket": self.clamd_socket, "LocalSocketMode": "666",
+                 "FixStaleSocket": "yes", "TCPSocket": self.clamd_port, "TCPAddr": "127.0.0.1",
+                 "DatabaseDirectory": r / "clamd/db", "TemporaryDirectory": r / "clamd/tmp",
+                 "PidFile": r / "clamd/clamd.pid", "LogFile": self.logs["clamd"], "LogTime": "yes",
+                 "StreamMaxLength": "25M", "MaxThreads": 4, "SelfCheck": 3600, **self.clamd_settings}
+        # no "User": run as root clamd stays root, which can read anything under DIR
+        (r / "clamd/clamd.conf").write_text("".join(f"{k} {v}\n" for k, v in clamd.items()))
+
+        # spamd: Debian's .pre files (they load the plugins, Check among them) + our local.cf;
+        # Razor2/Pyzor/DCC and DNS tests are off through spamd --local
+        site = r / "spamd/site"
+        for pre in Path("/etc/spamassassin").glob("*.pre"):
+            shutil.copy(pre, site / pre.name)
+        (site / "local.cf").write_text("""\
+use_bayes 0
+bayes_auto_learn 0
+skip_rbl_checks 1
+dns_available no
+report_safe 0
+header   SCANMILTER_TAG_TEST Subject =~ /scanmilter-tag-test/
+describe SCANMILTER_TAG_TEST scanmilter test rule, tags without reaching reject
+score    SCANMILTER_TAG_TEST 8.0
+""")
+
+        # scanmilter
+        settings = {"milter_socket": f"unix:{self.milter_socket}", "milter_socket_mode": "0666",
+                    "clamd_socket": f"unix:{self.clamd_socket}",
+                    "spamd_socket": f"inet:127.0.0.1:{self.spamd_port}"}
+        if self.policy_text is not None:
+            policy = r / "scanmilter/policy.toml"
+            policy.write_text(self.policy_text)
+            settings["policy_file"] = str(policy)
+        settings.update(self.scanmilter_settings)
+        self.milter_config.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()))
+
+        # postfix
+        milter = f"unix:{self.milter_socket}" if self.with_milter else ""
+        relay = f"smtp:[127.0.0.1]:{self.sink_port}"
+        main = f"""\
+compatibility_level = 3.6
+queue_directory = {self.queue_dir}
+data_directory = {r / "postfix/data"}
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = /dev/stdout
+myhostname = scanmilter.test
+mydomain = scanmilter.test
+myorigin = $myhostname
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+biff = no
+append_dot_mydomain = no
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relay_domains = example.com
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_authorized_xclient_hosts = 127.0.0.0/8
+smtpd_peername_lookup = no
+default_transport = {relay}
+relay_transport = {relay}
+smtp_dns_support_level = disabled
+smtp_host_lookup = native
+smtputf8_enable = no
+message_size_limit = 104857600
+mailbox_size_limit = 0
+virtual_mailbox_limit = 0
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+smtpd_milters = {milter}
+non_smtpd_milters = {milter}
+milter_default_action = tempfail
+milter_protocol = 6
+milter_connect_macros = j {{daemon_name}} {{daemon_addr}} v _ {{client_addr}} {{client_name}} {{client_port}}
+milter_mail_macros = i {{auth_type}} {{auth_authen}} {{auth_author}} {{mail_addr}} {{mail_host}} {{mail_mailer}}
+milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
+"""
+        services = [  # name type private unpriv chroot wakeup maxproc command; chroot always off
+            f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd", "pickup unix n - n 60 1 pickup",
+            "cleanup unix n - n - 0 cleanup", "qmgr unix n - n 300 1 qmgr",
+            "rewrite unix - - n - - trivial-rewrite", "bounce unix - - n - 0 bounce",
+            "defer unix - - n - 0 bounce", "trace unix - - n - 0 bounce", "verify unix - - n - 1 verify",
+            "flush unix n - n 1000? 0 flush", "proxymap unix - - n - - proxymap",
+            "proxywrite unix - - n - 1 proxymap", "smtp unix - - n - - smtp", "relay unix - - n - - smtp",
+            "showq unix n - n - - showq", "error unix - - n - - error", "retry unix - - n - - error",
+            "discard unix - - n - - discard", "anvil unix - - n - 1 anvil", "scache unix - - n - 1 scache",
+            "postlog unix-dgram n - n - 1 postlogd"]
+        (self.postfix_conf / "main.cf").write_text(main)
+        (self.postfix_conf / "master.cf").write_text("\n".join(services) + "\n")
+
+    # ------------------------------------------------------------ one service
+    def _command(self, name):
+        r = self.root
+        if name == "clamd":
+            return [_bin("clamd"), "-c", str(r / "clamd/clamd.conf")]
+        if name == "spamd":
+            return [_bin("spamd"), "--local", "-4", "-i", "127.0.0.1", "-p", str(self.spamd_port),
+                    "-A", "127.0.0.1", "-m", str(self.spamd_children), "-u", "debian-spamd",
+                    "--nouser-config", "-H", str(r / "spamd/home"), "--siteconfigpath", str(r / "spamd/site"),
+                    "-r", str(r / "spamd/spamd.pid"), "-s", str(self.logs["spamd"])]
+        if name == "sink":
+            return [_bin("smtp-sink"), "-u", "postfix", "-d", f"{self.delivered_dir}/%Y%m%d%H%M%S.",
+                    f"127.0.0.1:{self.sink_port}", "256"]
+        if name == "scanmilter":
+            cmd = self.milter_cmd or [sys.executable, "-m", "scanmilter", "serve", "-c", "{config}"]
+            return [a.format(socket=f"unix:{self.milter_socket}", config=self.milter_config, root=r)
+                    for a in cmd]
+        if name == "postfix":
+            return [_bin("postfix"), "-c", str(self.postfix_conf), "start-fg"]
+        raise ValueError(f"unknown service {name!r}")
+
+    def _pidfile(self, name):
+        return self.run_dir / f"{name}.pid"
+
+    def _record(self, name, pid):
+        st = _proc_stat(pid)
+        with open(self._pidfile(name), "a") as f:
+            f.write(f"{pid} {st[1] if st else 0}\n")
+
+    def _pids(self, name):
+        try:
+            lines = self._pidfile(name).read_text().split("\n")
+        except OSError:
+            return []
+        return [(int(p), s) for p, s in (ln.split() for ln in lines if ln.strip())]
+
+    def _spawn(self, name):
+        if name == "scanmilter":
+            self.milter_socket.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(REPO / "milter"))
+        with open(self._outfile(name), "ab") as log:
+            proc = subprocess.Popen(self._command(name), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=self.root / name, env=env,
+                                    start_new_session=True)
+        self._procs[name] = proc
+        self._pidfile(name).unlink(missing_ok=True)
+        self._record(name, proc.pid)
+
+    def _outfile(self, name):
+        """Where stdout+stderr go: clamd and spamd copy their log there, so keep it apart."""
+        return self.root / name / f"{name}.out" if name in ("clamd", "spamd") else self.logs[name]
+
+    def _tails(self, name):
+        files = dict.fromkeys([self.logs[name], self._outfile(name)])
+        return "".join(f"\n{f}:\n{_tail(f)}" for f in files)
+
+    def _ready(self, name):
+        """True once the service answers; raises StackError if its process died."""
+        proc = self._procs[name]
+        if proc.poll() is not None:
+            raise StackError(f"{name} exited with status {proc.returncode};{self._tails(name)}")
+        try:
+            if name == "clamd":
+                return (_chat(self.clamd_socket, b"zPING\0") or b"").startswith(b"PONG")
+            if name == "spamd":
+                return b"SPAMD/1.5 0 PONG" in (_chat(self.spamd_port, b"PING SPAMC/1.5\r\n\r\n") or b"")
+            if name == "scanmilter":
+                return _chat(self.milter_socket, read=False) is not None
+            if name == "sink":
+                return (_chat(self.sink_port) or b"").startswith(b"220")
+            if name == "postfix":
+                if not (_chat(self.smtp_port) or b"").startswith(b"220"):
+                    return False
+                # start-fg runs master as a child of a shell: record master's pid too
+                master = int((self.queue_dir / "pid/master.pid").read_text().split()[0])
+                if not _alive(master):
+                    return False  # still the pid file of a master stopped before
+                if master not in [p for p, _ in self._pids("postfix")]:
+                    self._record("postfix", master)
+                return True
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def _wait_ready(self, names, timeout=60):
+        deadline, pending = time.monotonic() + timeout, list(names)
+        while pending:
+            pending = [n for n in pending if not self._ready(n)]
+            if pending and time.monotonic() > deadline:
+                raise StackError(f"{', '.join(pending)} not ready after {timeout}s;"
+                                 + "".join(self._tails(n) for n in pending))
+            time.sleep(0.05)
+
+    def start_service(self, name, timeout=60):
+        self.stop_service(name)
+        self._spawn(name)
+        self._wait_ready([name], timeout)
+
+    def stop_service(self, name, timeout=STOP_TIMEOUT):
+        left = _stop_pids(self._pids(name), timeout, reap=[p for p in [self._procs.get(name)] if p])
+        if left:
+            raise StackError(f"{name}: pids {left} survived SIGKILL")
+        self._pidfile(name).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ the whole stack
+    def start(self):
+        """Stop any stack left running in this directory, then start all and wait until ready."""
+        t0 = time.monotonic()
+        self.stop()
+        if _chat(self.smtp_port, read=False) is not None:
+            raise StackError(f"port 127.0.0.1:{self.smtp_port} is in use by another program")
+        for d in (self.delivered_dir, self.queue_dir):  # a fresh start: no old mail
+            shutil.rmtree(d, ignore_errors=True)
+        self._write_configs()
+        for name in SERVICES:
+            self.logs[name].write_bytes(b"")
+            self._outfile(name).write_bytes(b"")
+        try:
+            for name in ("clamd", "spamd", "sink", "postfix"):
+                self._spawn(name)
+            if self.with_milter:
+                self._wait_ready(["clamd", "spamd"])  # scanmilter may check its scanners at start-up
+                self._spawn("scanmilter")
+            self._wait_ready([n for n in SERVICES if n in self._procs])
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - t0
+        (self.run_dir / "stack.json").write_text(json.dumps(self.describe(), indent=1))
+
+    def stop(self):
+        """Stop everything recorded under DIR/run, all at once."""
+        entries = [e for n in SERVICES for e in self._pids(n)]
+        left = _stop_pids(entries, reap=list(self._procs.values()))
+        for name in SERVICES:
+            self._pidfile(name).unlink(missing_ok=True)
+        (self.run_dir / "stack.json").unlink(missing_ok=True)
+        if left:
+            raise StackError(f"pids {left} survived SIGKILL")
+
+    def status(self):
+        """{service: [(pid, alive)]} from the pid files."""
+        return {n: [(p, _alive(p, s)) for p, s in self._pids(n)] for n in SERVICES}
+
+    def describe(self):
+        return {"root": str(self.root), "smtp": f"127.0.0.1:{self.smtp_port}",
+                "sink": f"127.0.0.1:{self.sink_port}", "spamd": f"127.0.0.1:{self.spamd_port}",
+                "clamd": f"unix:{self.clamd_socket} / 127.0.0.1:{self.clamd_port}",
+                "milter": f"unix:{self.milter_socket}" if self.with_milter else "(off)",
+                "delivered": str(self.delivered_dir), "postfix_config": str(self.postfix_conf),
+                "logs": {n: str(p) for n, p in self.logs.items()}}
+
+    # ------------------------------------------------------------ mail helpers
+    def send(self, msg_bytes, sender, recipients, xclient_addr=None, xclient_name="mail.outside.test",
+             timeout=300):
+        """Send over SMTP; {"code", "reply", "stage"} of the DATA answer or of the first refusal."""
+        def result(code, reply, stage):
+            reply = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+            return {"code": code, "reply": reply, "stage": stage}
+        stage = "connect"
+        try:
+            with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=timeout) as smtp:
+                smtp.ehlo("client.test")
+                if xclient_addr:
+                    stage = "xclient"
+                    code, reply = smtp.docmd("XCLIENT", f"ADDR={xclient_addr} NAME={xclient_name}")
+                    if code != 220:
+                        return result(code, reply, stage)
+                    smtp.ehlo_resp = smtp.helo_resp = None  # XCLIENT restarts the session
+                    smtp.ehlo("client.test")
+                stage = "mail"
+                code, reply = smtp.mail(sender)
+                if code != 250:
+                    return result(code, reply, stage)
+                stage = "rcpt"
+                for rcpt in [recipients] if isinstance(recipients, str) else recipients:
+                    code, reply = smtp.rcpt(rcpt)
+                    if code not in (250, 251):
+                        return result(code, reply, stage)
+                stage = "data"
+                code, reply = smtp.data(msg_bytes)
+                return result(code, reply, stage)
+        except smtplib.SMTPResponseException as e:
+            return result(e.smtp_code, e.smtp_error, stage)
+        except smtplib.SMTPServerDisconnected as e:
+            return result(0, f"disconnected: {e}", stage)
+
+    def _open_dumps(self):
+        """Dump files the sink still has open (mail in progress)."""
+        open_files = set()
+        for pid, _ in self._pids("sink"):
+            try:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    open_files.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                pass
+        return open_files
+
+    def delivered(self):
+        """Completely received messages in the sink, oldest first."""
+        busy = self._open_dumps()
+        paths = [p for p in self.delivered_dir.glob("*.*") if str(p) not in busy]
+        paths.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return [_parse_dump(p) for p in paths]
+
+    def wait_delivered(self, count, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.delivered()
+            if len(got) >= count:
+                return got
+            if time.monotonic() > deadline:
+                raise StackError(f"{len(got)} of {count} messages delivered after {timeout}s; "
+                                 f"postfix log:\n{_tail(self.logs['postfix'])}")
+            time.sleep(0.1)
+
+    def postfix_log(self):
+        return self.logs["postfix"].read_text(errors="replace")
+
+    def flush(self):
+        subprocess.run([_bin("postqueue"), "-c", str(self.postfix_conf), "-f"], check=True)
+
+    def queue_empty(self):
+        for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
+            for _, _, files in os.walk(self.queue_dir / sub):
+                if files:
+                    return False
+        return True
+
+
+def _parse_dump(path):
+    """smtp-sink's dump: X-Client-*/X-Mail-Args/X-Rcpt-Args, a 3-line Received:, the message, ""."""
+    raw = path.read_bytes()
+    fields, pos, in_received = {}, 0, False
+    while pos < len(raw):
+        end = raw.find(b"\n", pos) + 1 or len(raw)
+        line = raw[pos:end].rstrip(b"\r\n")
+        if in_received and not line[:1].isspace():
+            break  # first line after the sink's Received: header
+        if line.startswith(b"Received:"):
+            in_received = True
+        elif not in_received:
+            key, _, value = line.decode(errors="replace").partition(": ")
+            fields.setdefault(key, []).append(value)
+        pos = end
+    data = raw[pos:]
+    if data.endswith(b"\n\n"):
+        data = data[:-1]  # the sink appends an empty line
+
+    def addr(args):
+        return args.partition("<")[2].partition(">")[0]
+    return Delivery(path=path, sender=addr(fields.get("X-Mail-Args", [""])[0]),
+                    recipients=[addr(a) for a in fields.get("X-Rcpt-Args", [])],
+                    data=data, client_addr=fields.get("X-Client-Addr", [""])[0])
+
+
+def _chat(addr, request=None, read=True, timeout=2.0):
+    """Connect to a unix socket (path) or 127.0.0.1:addr (int); None if that fails. With a request:
+    send it and return the reply up to close; else return the greeting (read) or b"" (not read)."""
+    unix = not isinstance(addr, int)
+    try:
+        with socket.socket(socket.AF_UNIX if unix else socket.AF_INET) as s:
+            s.settimeout(timeout)
+            s.connect(str(addr) if unix else ("127.0.0.1", addr))
+            if request is None:
+                return s.recv(4096) if read else b""
+            s.sendall(request)
+            chunks = []
+            while chunk := s.recv(4096):
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except OSError:
+        return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("action", choices=["up", "down", "status"])
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--smtp-port", type=int, default=2525)
+    ap.add_argument("--no-milter", action="store_true", help="bare Postfix (no smtpd_milters)")
+    ap.add_argument("--milter-cmd", help="command instead of scanmilter; {socket} {config} {root} filled in")
+    args = ap.parse_args(argv)
+    stack = Stack(args.dir, smtp_port=args.smtp_port, with_milter=not args.no_milter,
+                  milter_cmd=shlex.split(args.milter_cmd) if args.milter_cmd else None)
+    try:
+        if args.action == "up":
+            stack.start()
+            print(f"stack up in {stack.startup_seconds:.1f}s")
+            print(json.dumps(stack.describe(), indent=1))
+        elif args.action == "down":
+            stack.stop()
+            print("stack down")
+        else:
+            info = stack.run_dir / "stack.json"
+            if info.exists():
+                print(info.read_text())
+            for name, pids in stack.status().items():
+                print(f"{name:11} " + (" ".join(f"{p}:{'alive' if a else 'dead'}" for p, a in pids) or "-"))
+    except StackError as e:
+        print(f"stack {args.action} failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
