@@ -3,6 +3,7 @@
 The stack (tools/stack.py) is started once for the module; each test sends mail through
 Postfix with smtplib and looks at the SMTP answer and at what reached the sink.
 """
+import email.policy
 import email.utils
 import os
 import re
@@ -43,7 +44,12 @@ def make(subject, body="Hello,\nthis is an ordinary message.\n", attachment=None
     m.set_content(body)
     if attachment:
         m.add_attachment(attachment, maintype="application", subtype="octet-stream", filename="file.com")
-    return m.as_bytes()
+    return m.as_bytes(policy=email.policy.SMTP)     # CRLF line ends, as on the wire
+
+
+def body_of(data: bytes) -> bytes:
+    """The body as the sink stores it (LF line ends)."""
+    return data.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1]
 
 
 def send(stack, data, rcpt="bob@example.com", outside=True):
@@ -83,7 +89,7 @@ def test_clean_mail_is_delivered_with_our_headers(stack):
     assert len(status) == 1 and re.match(r"X-Spam-Status: No, score=-?\d+\.\d required=5\.0 tests=", status[0])
     assert header_lines(d.data, "X-Spam-Flag") == []
     # the body reaches the sink unchanged
-    assert d.data.split(b"\n\n", 1)[1] == data.split(b"\n\n", 1)[1]
+    assert body_of(d.data) == body_of(data)
 
 
 def test_one_summary_line_per_message_keyed_by_queue_id(stack):
@@ -171,7 +177,7 @@ def test_large_message_spills_to_disk_and_arrives_intact(stack):
     data = make(f"large {marker}", body=body)           # about 2.5 MB: over spamd_size_limit
     assert send(stack, data)["code"] == 250
     d = delivered_with(stack, marker, timeout=60)
-    assert d.data.split(b"\n\n", 1)[1] == data.split(b"\n\n", 1)[1]
+    assert body_of(d.data) == body_of(data)
     assert header_lines(d.data, "X-Virus-Status") == ["X-Virus-Status: clean"]
     assert header_lines(d.data, "X-Spam-Status") == ["X-Spam-Status: unscanned (size)"]
 

@@ -1,5 +1,6 @@
 """`make demo`: start the private stack on 127.0.0.1:2525 and push three sample messages through it."""
 import argparse
+import email.policy
 import email.utils
 import sys
 import time
@@ -23,7 +24,7 @@ def sample(subject: str, body: str, attachment: bytes | None = None) -> bytes:
     m.set_content(body)
     if attachment:
         m.add_attachment(attachment, maintype="application", subtype="octet-stream", filename="eicar.com")
-    return m.as_bytes()
+    return m.as_bytes(policy=email.policy.SMTP)
 
 
 def main() -> int:
