@@ -150,3 +150,42 @@ def test_fold_keeps_lines_short_and_unfolds_back():
     lines = ("X-Spam-Status: " + folded).split("\n")
     assert all(len(line) <= 78 for line in lines) and len(lines) > 1
     assert re.sub(r"\s", "", folded) == re.sub(r"\s", "", value)     # only white space was added
+
+
+def test_engines_run_concurrently():
+    import threading
+    barrier = threading.Barrier(2, timeout=5)   # passes only if both engines are inside scan() at once
+
+    class Meeting(Engine):
+        def scan(self, spool):
+            barrier.wait()
+            return self.result
+
+    pipeline = Pipeline([Meeting("spamd", HAM), Meeting("clamd", CLEAN)], 2)
+    from scanmilter.message import Spool
+    spool = Spool(100, 100)
+    spool.write(b"x")
+    results = pipeline.scan(spool)
+    assert [r.outcome for r in results] == ["clean", "clean"]
+
+
+def test_a_stuck_engine_thread_is_given_up_at_its_deadline():
+    import threading
+    release = threading.Event()
+
+    class Stuck(Engine):
+        def scan(self, spool):
+            release.wait(10)
+            return self.result
+
+    stuck = Stuck("clamd", CLEAN)
+    stuck.timeout = 0.1
+    from scanmilter import pipeline as pl
+    old, pl.DEADLINE_GRACE = pl.DEADLINE_GRACE, 0.1
+    try:
+        from scanmilter.message import Spool
+        results = Pipeline([Engine("spamd", HAM), stuck], 2).scan(Spool(10, 10))
+    finally:
+        pl.DEADLINE_GRACE = old
+        release.set()
+    assert results[1].outcome == "error" and results[1].detail.startswith("timeout")

@@ -143,7 +143,8 @@ def _chown(path, user):
 # ---------------------------------------------------------------- the stack
 class Stack:
     def __init__(self, root, *, smtp_port=2525, with_milter=True, milter_cmd=None,
-                 scanmilter_settings=None, policy_text=None, spamd_children=2, clamd_settings=None):
+                 scanmilter_settings=None, policy_text=None, spamd_children=2, clamd_settings=None,
+                 milter_inet_port=None):
         self.root = Path(root).resolve()
         self.smtp_port, self.with_milter, self.spamd_children = smtp_port, with_milter, spamd_children
         self.milter_cmd = milter_cmd  # list of str; "{socket}", "{config}", "{root}" are filled in
@@ -155,6 +156,13 @@ class Stack:
         self.run_dir, self.delivered_dir = r / "run", r / "delivered"
         self.clamd_socket = r / "clamd" / "clamd.sock"
         self.milter_socket = r / "scanmilter" / "scanmilter.sock"
+        # milter_inet_port: the milter talks TCP on 127.0.0.1:PORT instead of the unix socket
+        self.milter_inet_port = milter_inet_port
+        if milter_inet_port:
+            self.milter_address = f"inet:{milter_inet_port}@127.0.0.1"      # libmilter's spelling
+            self.postfix_milter = f"inet:127.0.0.1:{milter_inet_port}"      # Postfix's spelling
+        else:
+            self.milter_address = self.postfix_milter = f"unix:{self.milter_socket}"
         self.milter_config = r / "scanmilter" / "scanmilter.toml"
         self.postfix_conf, self.queue_dir = r / "postfix" / "etc", r / "postfix" / "queue"
         self.logs = {name: r / name / f"{name}.log" for name in SERVICES}
@@ -213,7 +221,7 @@ score    SCANMILTER_TAG_TEST 8.0
 """)
 
         # scanmilter
-        settings = {"milter_socket": f"unix:{self.milter_socket}", "milter_socket_mode": "0666",
+        settings = {"milter_socket": self.milter_address, "milter_socket_mode": "0666",
                     "clamd_socket": f"unix:{self.clamd_socket}",
                     "spamd_socket": f"inet:127.0.0.1:{self.spamd_port}"}
         if self.policy_text is not None:
@@ -224,7 +232,7 @@ score    SCANMILTER_TAG_TEST 8.0
         self.milter_config.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()))
 
         # postfix
-        milter = f"unix:{self.milter_socket}" if self.with_milter else ""
+        milter = self.postfix_milter if self.with_milter else ""
         relay = f"smtp:[127.0.0.1]:{self.sink_port}"
         main = f"""\
 compatibility_level = 3.6
@@ -297,7 +305,7 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
                     f"127.0.0.1:{self.sink_port}", "256"]
         if name == "scanmilter":
             cmd = self.milter_cmd or [sys.executable, "-m", "scanmilter", "serve", "-c", "{config}"]
-            return [a.format(socket=f"unix:{self.milter_socket}", config=self.milter_config, root=r)
+            return [a.format(socket=self.milter_address, config=self.milter_config, root=r)
                     for a in cmd]
         if name == "postfix":
             return [_bin("postfix"), "-c", str(self.postfix_conf), "start-fg"]
@@ -349,7 +357,8 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
             if name == "spamd":
                 return b"SPAMD/1.5 0 PONG" in (_chat(self.spamd_port, b"PING SPAMC/1.5\r\n\r\n") or b"")
             if name == "scanmilter":
-                return _chat(self.milter_socket, read=False) is not None
+                where = self.milter_inet_port or self.milter_socket
+                return _chat(where, read=False) is not None
             if name == "sink":
                 return (_chat(self.sink_port) or b"").startswith(b"220")
             if name == "postfix":
@@ -429,7 +438,7 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
         return {"root": str(self.root), "smtp": f"127.0.0.1:{self.smtp_port}",
                 "sink": f"127.0.0.1:{self.sink_port}", "spamd": f"127.0.0.1:{self.spamd_port}",
                 "clamd": f"unix:{self.clamd_socket} / 127.0.0.1:{self.clamd_port}",
-                "milter": f"unix:{self.milter_socket}" if self.with_milter else "(off)",
+                "milter": self.postfix_milter if self.with_milter else "(off)",
                 "delivered": str(self.delivered_dir), "postfix_config": str(self.postfix_conf),
                 "logs": {n: str(p) for n, p in self.logs.items()}}
 

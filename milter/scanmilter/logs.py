@@ -5,50 +5,71 @@ import logging
 import logging.handlers
 import os
 import re
+import socket
 import sys
 
 log = logging.getLogger("scanmilter")
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
+# Control characters, the backslash, and undecodable bytes (surrogate-escaped by pymilter)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\\\\\udc80-\udcff]")
+
+
+def _hex(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code - 0xdc00 if code >= 0xdc80 else code:02x}"
 
 
 def escape(text: str, limit: int = 256) -> str:
-    """Printable form of untrusted text: control characters and backslashes as \\xNN."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)[:limit]
+    """Printable form of untrusted text: control characters, backslashes and raw bytes as \\xNN."""
+    return _UNPRINTABLE.sub(_hex, text[:limit])
 
 
 _SEVERITY = {logging.CRITICAL: "fatal"}
 
 
 class _PostfixStyle(logging.Formatter):
-    """"warning: ...", "error: ...", like Postfix; plain text for info."""
+    """"PREFIXwarning: ...", "PREFIXfatal: ...", like Postfix; plain text for info."""
+
+    def __init__(self, prefix: str = ""):
+        super().__init__("%(message)s")
+        self.prefix = prefix
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         if record.levelno >= logging.WARNING:
             text = f"{_SEVERITY.get(record.levelno, record.levelname.lower())}: {text}"
-        return text
+        return self.prefix + text
+
+
+def _syslog_reachable(path: str) -> str:
+    """"" when a datagram can be sent to `path`, else the reason."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(path)
+        return ""
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        probe.close()
 
 
 def setup(target: str, level: str, syslog_socket: str = "/dev/log") -> None:
     handler: logging.Handler | None = None
     problem = ""
     if target == "syslog":
-        try:
+        problem = _syslog_reachable(syslog_socket)
+        if not problem:
             handler = logging.handlers.SysLogHandler(
                 address=syslog_socket, facility=logging.handlers.SysLogHandler.LOG_MAIL)
-            handler.setFormatter(_PostfixStyle(f"scanmilter[{os.getpid()}]: %(message)s"))
-        except OSError as e:
-            problem = f"syslog socket {syslog_socket}: {e.strerror or e}; logging to stderr instead"
+            handler.setFormatter(_PostfixStyle(f"scanmilter[{os.getpid()}]: "))
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_PostfixStyle("%(message)s"))
+        handler.setFormatter(_PostfixStyle())
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
     if problem:
-        log.warning("%s", problem)
+        log.warning("syslog socket %s: %s; logging to stderr instead", syslog_socket, problem)
 
 
 def summary(queue_id: str, action: str, reason: str, verdict, sender: str, recipients: int,

@@ -1,0 +1,41 @@
+import socket
+
+from scanmilter import logs
+from scanmilter.verdict import Verdict
+
+
+def test_summary_line_format_and_escaping():
+    line = logs.summary("4Xk2Lz1F3z", "reject", "virus", Verdict(viruses=("Eicar",)), "a\r\nb@x\x1b[31m", 2,
+                        1234, 85.4, "192.0.2.1")
+    assert line == ("4Xk2Lz1F3z: action=reject, reason=virus, virus=Eicar, score=-, from=<a\\x0d\\x0ab@x\\x1b[31m>, "
+                    "rcpts=2, size=1234, ms=85, client=192.0.2.1")
+
+
+def test_escape_handles_undecodable_bytes_and_backslashes():
+    assert logs.escape("caf\udcc3\\") == "caf\\xc3\\x5c"
+
+
+def test_syslog_target_uses_the_mail_facility(tmp_path):
+    path = str(tmp_path / "log.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(5)
+    try:
+        logs.setup("syslog", "info", path)
+        logs.log.warning("clamd is down")
+        data = server.recv(4096).decode()
+    finally:
+        server.close()
+        logs.setup("stderr", "info")
+    assert data.startswith("<20>")          # facility mail (2) * 8 + warning (4)
+    assert "scanmilter[" in data and "warning: clamd is down" in data
+
+
+def test_missing_syslog_socket_falls_back_to_stderr(tmp_path, capsys):
+    logs.setup("syslog", "info", str(tmp_path / "nothing"))
+    try:
+        logs.log.info("hello")
+        err = capsys.readouterr().err
+    finally:
+        logs.setup("stderr", "info")
+    assert "warning: syslog socket" in err and "hello" in err
