@@ -151,16 +151,11 @@ class Values:
     def items(self):
         return self._values.items()
 
-    def replace(self, **changes) -> "Values":
-        v = Values(list(self._settings.values()), {k: self._values[k] for k in self.changed} | changes,
-                   self.source)
-        return v
-
 
 def _check_value(s: Setting, value: Any, where: str) -> Any:
     d = s.default
     if s.check is _level:
-        pass
+        pass                     # a number or "spamd": its check says which
     elif isinstance(d, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {s.name} must be true or false, not {value!r}")

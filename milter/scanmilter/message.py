@@ -128,7 +128,6 @@ class Message:
     subject: bytes | None = None    # raw value of the first Subject header, as received
     header_count: int = 0
     started: float = field(default_factory=time.monotonic)
-    error: str = ""                  # set when a no-reply callback failed; answered at eom
     _seen: dict[str, int] = field(default_factory=dict)
 
     def add_header(self, name: str, value: bytes, strip_prefixes: tuple[str, ...]) -> None:
