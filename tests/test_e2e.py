@@ -99,7 +99,7 @@ def test_one_summary_line_per_message_keyed_by_queue_id(stack):
     qid = re.search(rf"cleanup\[\d+\]: ([0-9A-Za-z]+): message-id=<{marker}@", stack.postfix_log()).group(1)
     lines = [line for line in stack.logs["scanmilter"].read_text().splitlines() if line.startswith(qid + ":")]
     assert len(lines) == 1
-    assert re.fullmatch(rf"{qid}: action=accept, reason=ham, virus=-, score=-?\d+\.\d, "
+    assert re.fullmatch(rf"{qid}: action=accept, reason=ham, direction=inbound, virus=-, score=-?\d+\.\d, "
                         rf"from=<alice@outside.test>, rcpts=1, size=\d+, ms=\d+, client={OUTSIDE}", lines[0])
 
 

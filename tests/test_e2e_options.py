@@ -12,7 +12,7 @@ from test_e2e import OUTSIDE, body_of, delivered_with, header_lines, make, not_d
 
 pytestmark = pytest.mark.integration
 
-POLICY = 'scan_failure_action = "accept"\noversize_action = "reject"\n'
+POLICY = '[inbound]\nscan_failure_action = "accept"\noversize_action = "reject"\n'
 
 
 @pytest.fixture(scope="module")

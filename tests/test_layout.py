@@ -30,8 +30,9 @@ def test_startup_check_catches_a_shadowing_package(tmp_path):
 
 def test_readme_settings_tables_match_the_code():
     readme = (ROOT / "README.md").read_text()
-    assert config.markdown_table(config.DAEMON_SETTINGS) in readme
-    assert config.markdown_table(config.POLICY_SETTINGS) in readme
+    for settings in (config.DAEMON_SETTINGS, config.DIRECTIONS_SETTINGS, config.DIRECTION_SETTINGS,
+                     config.LISTS_SETTINGS):
+        assert config.markdown_table(settings) in readme
 
 
 def test_no_module_named_like_pymilter_parts():

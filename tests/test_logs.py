@@ -1,14 +1,16 @@
 import socket
 
-from scanmilter import logs
+from scanmilter import logs, policy as P
 from scanmilter.verdict import Verdict
 
 
 def test_summary_line_format_and_escaping():
-    line = logs.summary("4Xk2Lz1F3z", "reject", "virus", Verdict(viruses=("Eicar",)), "a\r\nb@x\x1b[31m", 2,
-                        1234, 85.4, "192.0.2.1")
-    assert line == ("4Xk2Lz1F3z: action=reject, reason=virus, virus=Eicar, score=-, from=<a\\x0d\\x0ab@x\\x1b[31m>, "
-                    "rcpts=2, size=1234, ms=85, client=192.0.2.1")
+    outcome = P.Outcome("reject", "virus", "inbound", None, (), remove=("x@y",))
+    verdict = Verdict(viruses=("Eicar",), failed=(("spamd", "timeout: no answer"),))
+    line = logs.summary("4Xk2Lz1F3z", "reject", outcome, verdict, "a\r\nb@x\x1b[31m", 2, 1234, 85.4, "192.0.2.1")
+    assert line == ("4Xk2Lz1F3z: action=reject, reason=virus, direction=inbound, virus=Eicar, score=-, "
+                    "from=<a\\x0d\\x0ab@x\\x1b[31m>, rcpts=2, removed=1, size=1234, ms=85, client=192.0.2.1, "
+                    "failed=spamd timeout: no answer")
 
 
 def test_escape_handles_undecodable_bytes_and_backslashes():

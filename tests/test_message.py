@@ -1,6 +1,6 @@
 import os
 
-from scanmilter.message import Message, Spool
+from scanmilter.message import Message, Seen, Spool
 
 
 def test_spool_stays_in_memory_below_the_threshold():
@@ -47,13 +47,22 @@ def test_reader_outlives_the_spool(tmp_path):
     r.close()
 
 
-def test_message_records_headers_byte_exact_and_forged_ones():
+def test_message_records_headers_byte_exact_and_keeps_the_ones_asked_for():
     m = Message("a@b", Spool(1024, 1024))
-    m.add_header("Subject", b" hi \xff", ("x-spam-",))
-    m.add_header("X-Spam-Flag", b" YES", ("x-spam-",))
-    m.add_header("x-spam-flag", b"YES", ("x-spam-",))
+    keep = lambda name: name.startswith("x-spam-") or name == "subject"   # noqa: E731
+    m.add_header("Subject", b" hi \xff", keep)
+    m.add_header("X-Spam-Flag", b" YES", keep)
+    m.add_header("Received", b" from x", keep)
+    m.add_header("x-spam-flag", b"YES", keep)
     m.end_headers()
     m.add_body(b"body\r\n")
-    assert m.spool.getvalue() == b"Subject: hi \xff\r\nX-Spam-Flag: YES\r\nx-spam-flag:YES\r\n\r\nbody\r\n"
-    assert m.forged == [("X-Spam-Flag", 1), ("x-spam-flag", 2)]
-    assert m.subject == b" hi \xff"
+    assert m.spool.getvalue() == (b"Subject: hi \xff\r\nX-Spam-Flag: YES\r\nReceived: from x\r\n"
+                                  b"x-spam-flag:YES\r\n\r\nbody\r\n")
+    assert m.seen == [Seen("Subject", 1, b" hi \xff"), Seen("X-Spam-Flag", 1, b" YES"), Seen("x-spam-flag", 2, b"YES")]
+    assert m.header_count == 4
+
+
+def test_recipients_keep_their_raw_form():
+    m = Message("a@b", Spool(10, 10))
+    m.add_recipient("<Bob@Example.com>")
+    assert m.recipients == ["Bob@Example.com"] and m.raw_recipients == {"Bob@Example.com": "<Bob@Example.com>"}

@@ -1,18 +1,30 @@
-"""Process lifecycle: settings, logging, engines, the milter loop, and a bounded shutdown."""
+"""Process lifecycle: settings, logging, engines, the milter loop, reload and a bounded shutdown.
+
+libmilter's own signal thread treats SIGHUP like SIGTERM (it stops). So libmilter runs in a
+thread of its own, where it blocks those signals, while the main thread keeps them and
+handles them in Python: SIGHUP reloads, SIGTERM and SIGINT stop.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
-from . import __version__, config, logs
+from . import __version__, config, logs, policyfile
 from .logs import log
-from .pipeline import Pipeline
+from .pipeline import Pipeline, scan_pool
 from .scanners.clamd import ClamdScanner
 from .scanners.spamd import SpamdScanner
 
-DRAIN_POLL = 0.1     # seconds between checks of in-flight messages while draining
+DRAIN_POLL = 0.1          # seconds between checks of in-flight messages while draining
+MAIN_LOOP_WAKEUP = 1.0    # seconds: the main thread also wakes this often to notice a dead milter loop
+
+# Settings read once at start-up: a reload that changes them says they need a restart.
+RESTART_SETTINGS = ("milter_socket", "milter_socket_mode", "milter_timeout", "scan_threads",
+                    "log_target", "syslog_socket")
 
 
 def check_milter_extension() -> None:
@@ -37,37 +49,107 @@ def build_engines(cfg) -> list:
     return engines
 
 
+def load_all(config_path: str | None):
+    """(settings, policy, policy warnings); raises ConfigError."""
+    cfg = config.load(config_path)
+    policy, warnings = policyfile.check(cfg.policy_file)
+    return cfg, policy, warnings
+
+
+class Signals:
+    """What the signal handlers asked for; acted on by the main loop."""
+
+    def __init__(self):
+        self.wake = threading.Event()
+        self.stop = False
+        self.reload = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._reload)
+
+    def _stop(self, signum, frame):
+        self.stop = True
+        self.wake.set()
+
+    def _reload(self, signum, frame):
+        self.reload = True
+        self.wake.set()
+
+
 def serve(config_path: str | None) -> int:
     try:
-        cfg = config.load(config_path)
-        policy = config.load_policy(cfg.policy_file)
+        cfg, policy, warnings = load_all(config_path)
         check_milter_extension()
     except config.ConfigError as e:
         print(f"scanmilter: fatal: {e}", file=sys.stderr)
         return 1
     logs.setup(cfg.log_target, cfg.log_level, cfg.syslog_socket)
+    for w in warnings:
+        log.warning("%s", w)
 
     import Milter   # only now: check_milter_extension() has vouched for the extension
+    import milter
     from .handler import Handler, Runtime
 
-    pipeline = Pipeline(build_engines(cfg), cfg.scan_threads)
-    runtime = Runtime(cfg, policy, pipeline)
+    runtime = Runtime(cfg, policy, Pipeline(build_engines(cfg), scan_pool(cfg.scan_threads)))
     Milter.factory = lambda: Handler(runtime)
-    Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS)
+    Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT)
     # libmilter creates the socket with the process umask; this gives it milter_socket_mode.
     os.umask(0o777 & ~int(cfg.milter_socket_mode, 8))
+    signals = Signals()
+    signals.install()      # before the milter thread exists, so only the main thread takes them
+    failure: list[BaseException] = []
+
+    def run_milter():
+        try:
+            Milter.runmilter("scanmilter", cfg.milter_socket, timeout=cfg.milter_timeout)
+        except BaseException as e:  # libmilter could not open the socket, or ran out of threads
+            failure.append(e)
+        finally:
+            signals.wake.set()
+
     log.info("starting scanmilter %s on %s (engines: %s; policy: %s)", __version__, cfg.milter_socket,
-             ", ".join(e.name for e in pipeline.engines) or "none", policy.source)
+             ", ".join(e.name for e in runtime.pipeline.engines) or "none", policy.source)
+    loop = threading.Thread(target=run_milter, name="milter", daemon=True)
+    loop.start()
+    while not signals.stop and loop.is_alive():
+        signals.wake.wait(MAIN_LOOP_WAKEUP)
+        signals.wake.clear()
+        if signals.reload:
+            signals.reload = False
+            reload(runtime, config_path)
+    if failure:
+        log.critical("milter loop failed: %s", failure[0])
+        return _exit(1)
+    milter.stop()
+    return drain(runtime, runtime.cfg.shutdown_timeout)
+
+
+def reload(runtime, config_path: str | None) -> bool:
+    """Swap in new settings, engines and policy, or keep the old ones if anything is wrong.
+    Messages in flight finish with the policy they started with."""
     try:
-        Milter.runmilter("scanmilter", cfg.milter_socket, timeout=cfg.milter_timeout)
-    except Exception as e:  # libmilter could not open the socket, or ran out of threads
-        log.critical("milter loop failed: %s", e)
-        return 1
-    return drain(runtime, cfg.shutdown_timeout)
+        cfg, policy, warnings = load_all(config_path)
+    except config.ConfigError as e:
+        log.error("reload refused, old configuration and policy stay in force: %s", e)
+        return False
+    for w in warnings:
+        log.warning("%s", w)
+    for name in RESTART_SETTINGS:
+        if getattr(cfg, name) != getattr(runtime.cfg, name):
+            log.warning("reload: %s changed; it takes effect after a restart", name)
+    # Plain attribute swaps: a message reads each once, so it sees the old or the new whole.
+    runtime.pipeline = Pipeline(build_engines(cfg), runtime.pipeline.pool)
+    runtime.cfg, runtime.policy = cfg, policy
+    logging.getLogger("scanmilter").setLevel(cfg.log_level.upper())
+    log.info("reloaded configuration %s and policy %s", config_path or "(defaults)", policy.source)
+    return True
 
 
 def drain(runtime, timeout: float) -> int:
-    """libmilter stopped accepting (SIGTERM/SIGINT); let in-flight messages finish, bounded."""
+    """Stop accepting; let in-flight messages finish, bounded by shutdown_timeout."""
     end = time.monotonic() + timeout
     while runtime.in_flight > 0 and time.monotonic() < end:
         time.sleep(DRAIN_POLL)
@@ -75,9 +157,13 @@ def drain(runtime, timeout: float) -> int:
         log.warning("stopping with %d message(s) still in flight; Postfix applies milter_default_action",
                     runtime.in_flight)
     log.info("stopped")
+    return _exit(0)
+
+
+def _exit(code: int) -> int:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     # libmilter's session threads may still be waiting on Postfix; interpreter teardown
     # under them is not safe, so leave without it.
-    os._exit(0)
+    os._exit(code)

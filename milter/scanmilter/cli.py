@@ -1,29 +1,84 @@
-"""Command line: scanmilter serve | check-config | version. Never imports Milter itself."""
+"""Command line: scanmilter serve | check-config | explain. Never imports Milter itself."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import __version__, config
+from . import __version__, config, policyfile
+from .policy import INBOUND, OUTBOUND
+
+
+def _fatal(e: Exception) -> int:
+    print(f"scanmilter: fatal: {e}", file=sys.stderr)
+    return 1
+
+
+def _load(path):
+    cfg = config.load(path)
+    policy, warnings = policyfile.check(cfg.policy_file)
+    return cfg, policy, warnings
+
+
+def render_policy(policy, only_changed: bool) -> str:
+    """The effective policy as TOML, marking what differs from the shipped defaults."""
+    out = []
+    for d in (INBOUND, OUTBOUND):
+        defaults = policyfile.direction_defaults(d)
+        lines = [f"{k} = {config.toml_value(v)}" + ("  # changed, default " + config.toml_value(defaults[k])
+                                                    if v != defaults[k] else "")
+                 for k, v in policy.directions[d].items() if not only_changed or v != defaults[k]]
+        out += [f"[{d}]", *lines]
+        for kind in ("domains", "recipients"):
+            for key, override in getattr(policy, kind)[d].items():
+                out.append(f'[{d}.{kind}."{key}"]')
+                out += [f"{k} = {config.toml_value(v)}" for k, v in override.items()]
+    lists = {s.name: getattr(policy, s.name) for s in config.LISTS_SETTINGS}
+    shown = {k: (sorted(map(str, v)) if not isinstance(v, bool) else v) for k, v in lists.items()}
+    out.append("[lists]")
+    out += [f"{k} = {config.toml_value(v)}" for k, v in shown.items() if not only_changed or v]
+    if policy.virus_classes:
+        out.append("[virus_classes]")
+        out += [f'"{p}" = "{a}"' for p, a in policy.virus_classes]
+    for r in policy.rewrites:
+        out.append(f"# {r.where}: header_rewrite {r.direction} {r.action} {r.name}"
+                   + (f" match /{r.match.pattern}/" if r.match else "") + (f' value "{r.value}"' if r.value else ""))
+    return "\n".join(out)
 
 
 def _check_config(args) -> int:
     try:
-        cfg = config.load(args.config)
-        policy = config.load_policy(cfg.policy_file)
+        cfg, policy, warnings = _load(args.config)
     except config.ConfigError as e:
-        print(f"scanmilter: fatal: {e}", file=sys.stderr)
-        return 1
+        return _fatal(e)
     print(f"# {cfg.source}: OK")
     print(config.render(cfg, only_changed=args.changed, defaults=args.defaults))
-    print(f"\n# policy: {policy.source}")
-    print(config.render(policy, only_changed=args.changed, defaults=args.defaults))
+    print(f"\n# policy {policy.source}: OK" + (f", {len(warnings)} warning(s)" if warnings else ""))
+    for w in warnings:
+        print(f"# warning: {w}")
+    print(render_policy(policy, only_changed=args.changed))
     return 0
 
 
 def _serve(args) -> int:
     from .app import serve
     return serve(args.config)
+
+
+def _explain(args) -> int:
+    from .app import build_engines
+    from .explain import explain
+    from .policy import Envelope
+    try:
+        cfg, policy, warnings = _load(args.config)
+        with open(args.message, "rb") as f:
+            data = f.read()
+    except config.ConfigError as e:
+        return _fatal(e)
+    except OSError as e:
+        return _fatal(f"{args.message}: {e.strerror}")
+    envelope = Envelope(args.client_ip, args.auth_user, args.daemon, args.sender, tuple(args.rcpt))
+    print(explain(data, envelope, policy, build_engines(cfg), args.score, tuple(args.virus)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,12 +91,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--config", help="configuration file (TOML); without it, all defaults")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("check-config", help="validate the configuration and print the effective settings")
+    p = sub.add_parser("check-config", help="validate configuration and policy; print the effective settings")
     p.add_argument("-c", "--config", help="configuration file (TOML)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("-n", dest="changed", action="store_true", help="only settings changed from the defaults")
     g.add_argument("-d", dest="defaults", action="store_true", help="the defaults, ignoring the file")
     p.set_defaults(func=_check_config)
 
+    p = sub.add_parser("explain", help="show how the policy decides for one message file")
+    p.add_argument("message", help="the message (RFC 5322 file, as Postfix would receive it)")
+    p.add_argument("-c", "--config", help="configuration file (TOML)")
+    p.add_argument("--client-ip", default="192.0.2.1", help="the SMTP client's address (default 192.0.2.1)")
+    p.add_argument("--auth-user", default="", help="SASL login of the sender, if any")
+    p.add_argument("--daemon", default="", help="Postfix service name ({daemon_name}), e.g. submission")
+    p.add_argument("--from", dest="sender", default="", help="envelope sender")
+    p.add_argument("--rcpt", action="append", default=[], help="envelope recipient (repeat for more)")
+    p.add_argument("--score", type=float, help="use this spam score instead of asking spamd")
+    p.add_argument("--virus", action="append", default=[], help="pretend clamd found this (repeatable)")
+    p.set_defaults(func=_explain)
+
     args = parser.parse_args(argv)
+    if args.command == "explain" and not args.rcpt:
+        parser.error("explain needs at least one --rcpt")
     return args.func(args)

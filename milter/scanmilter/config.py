@@ -8,6 +8,7 @@ Names read `<scope>_<object>_<kind>`, as in Postfix: `clamd_timeout`, `spamd_siz
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass
@@ -58,9 +59,9 @@ def _reply_text(v: str) -> str | None:
     if any(ord(c) < 32 or ord(c) == 127 for c in v):
         return "control characters are not allowed in SMTP reply text"
     try:
-        v.format(virus="x", score=0.0, required=0.0)
+        v.format(virus="x", score=0.0, level=0.0)
     except (KeyError, IndexError, ValueError) as e:
-        return f"bad placeholder ({e}); known: {{virus}}, {{score}}, {{required}}"
+        return f"bad placeholder ({e}); known: {{virus}}, {{score}}, {{level}}"
     return None
 
 
@@ -110,27 +111,99 @@ DAEMON_SETTINGS = [
     Setting("spamd_user", "", "text", "user name passed to spamd for per-user preferences; empty: none"),
 ]
 
-POLICY_SETTINGS = [
+def _cidrs(v: list) -> str | None:
+    for item in v:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"{item!r} is not a network (CIDR such as 192.0.2.0/24 or 2001:db8::/32)"
+    return None
+
+
+def _addresses(v: list) -> str | None:
+    for item in v:
+        if not re.fullmatch(r"[^@\s]*@?[A-Za-z0-9.-]+", item) or item.endswith("@"):
+            return f"{item!r} is neither an address (user@example.org) nor a domain (example.org)"
+    return None
+
+
+def _tag(v: str) -> str | None:
+    return None if re.fullmatch(r"[\x20-\x7e]*", v) else "use printable ASCII (it goes into the Subject)"
+
+
+# Settings of a direction ([inbound], [outbound]); the same keys may be overridden per recipient
+# domain ([inbound.domains."example.org"]) and per recipient ([inbound.recipients."a@example.org"]).
+DIRECTION_SETTINGS = [
     Setting("tag_level", 5.0, "score",
-            'spam score from which X-Spam-Flag: YES is added and the Subject tagged; "spamd": spamd\'s required score',
+            'from this spam score X-Spam-Flag: YES is added; "spamd": spamd\'s own required score', check=_level),
+    Setting("subject_tag_level", 5.0, "score", "from this spam score the Subject is prefixed with subject_tag",
             check=_level),
-    Setting("reject_level", 15.0, "score", "spam score from which the message is rejected"),
-    Setting("subject_tag", "[SPAM]", "text", "prefix put once on the Subject of tagged spam; empty: leave the Subject"),
+    Setting("quarantine_level", float("inf"), "score", "from this spam score the message is quarantined (inf: never)"),
+    Setting("reject_level", 15.0, "score", "from this spam score the message is rejected (550 5.7.1)"),
+    Setting("subject_tag", "[SPAM]", "text", 'prefix put once on the Subject of spam; "" leaves the Subject alone',
+            check=_tag),
+    Setting("add_scan_headers", True, "switch", "add X-Virus-Status, X-Spam-Status and X-Spam-Flag"),
+    Setting("strip_verdict_headers", True, "switch",
+            "remove X-Spam-*, X-Virus-* and X-Quarantine-* headers that arrive with the message"),
     Setting("virus_action", "reject", "choice", "what to do with a message carrying a virus",
-            choices=("reject", "tempfail", "discard", "accept")),
-    Setting("virus_reply", "Message rejected: virus {virus} found", "text",
-            "SMTP reply text for a rejected virus ({virus}: the names found)", check=_reply_text),
-    Setting("spam_reply", "Message rejected as spam (score {score}, required {required})", "text",
-            "SMTP reply text for rejected spam", check=_reply_text),
+            choices=("reject", "quarantine", "discard", "tag", "tempfail")),
     Setting("scan_failure_action", "tempfail", "choice",
-            "a scanner failed or timed out: tempfail (451 4.7.1, the sender retries) or accept with "
-            "an unscanned header", choices=("tempfail", "accept")),
-    Setting("tempfail_reply", "Message could not be scanned, please try again later", "text",
-            "SMTP reply text when a scan failed and the message is tempfailed", check=_reply_text),
+            "a scanner failed or timed out: tempfail (451 4.7.1, the sender retries) or accept marked unscanned",
+            choices=("tempfail", "accept")),
     Setting("oversize_action", "tag", "choice",
-            "message over message_size_limit: skip (accept, no scan headers), tag (accept with "
-            "unscanned headers) or reject (552 5.3.4)", choices=("skip", "tag", "reject")),
+            "message over message_size_limit: skip (accept, no scan headers), tag (accept marked unscanned) "
+            "or reject (552 5.3.4)", choices=("skip", "tag", "reject")),
+    Setting("quarantine_action", "discard", "choice",
+            "after quarantining: discard (the sender sees success) or reject (550 5.7.1 quarantine_reply)",
+            choices=("discard", "reject")),
+    Setting("virus_reply", "Message rejected: virus {virus} found", "text",
+            "reply text for a rejected virus ({virus}: the names found)", check=_reply_text),
+    Setting("spam_reply", "Message rejected as spam (score {score}, limit {level})", "text",
+            "reply text for rejected spam ({score}, {level}: the level reached)", check=_reply_text),
+    Setting("tempfail_reply", "Message could not be scanned, please try again later", "text",
+            "reply text when a scan failed and the message is tempfailed", check=_reply_text),
+    Setting("block_reply", "Message rejected by policy", "text",
+            "reply text for a block-listed sender, client or recipient", check=_reply_text),
+    Setting("quarantine_reply", "Message held for review by the postmaster", "text",
+            "reply text when quarantine_action = reject", check=_reply_text),
 ]
+
+# Outbound mail (internal networks, authenticated senders) differs from inbound by default:
+# no Subject rewrite and no scan headers (they break DKIM signatures and leak internals),
+# replies that tell the local user what happened, a lower reject level.
+OUTBOUND_DEFAULTS = {
+    "reject_level": 10.0,
+    "subject_tag": "",
+    "add_scan_headers": False,
+    "strip_verdict_headers": False,
+    "virus_reply": "Your message was not sent: it contains a virus ({virus}); please contact your postmaster",
+    "spam_reply": "Your message was not sent: it looks like spam (score {score}, limit {level}); "
+                  "please contact your postmaster",
+}
+
+DIRECTIONS_SETTINGS = [
+    Setting("internal_networks", ["127.0.0.0/8", "::1/128"], "CIDR list",
+            "clients in these networks send outbound mail", check=_cidrs),
+    Setting("authenticated_is_outbound", True, "switch", "mail from SASL-authenticated senders is outbound"),
+    Setting("outbound_services", [], "list",
+            "Postfix services ({daemon_name}, e.g. submission) whose mail is outbound"),
+]
+
+LISTS_SETTINGS = [
+    Setting("allow_senders", [], "address list", "senders (user@example.org or example.org) exempt from spam "
+            "checks", check=_addresses),
+    Setting("allow_clients", [], "CIDR list", "client networks exempt from spam checks", check=_cidrs),
+    Setting("allow_recipients", [], "address list", "recipients who get their mail without spam checks",
+            check=_addresses),
+    Setting("block_senders", [], "address list", "senders whose mail is rejected (block_reply)", check=_addresses),
+    Setting("block_clients", [], "CIDR list", "client networks whose mail is rejected", check=_cidrs),
+    Setting("block_recipients", [], "address list", "recipients who get no mail at all", check=_addresses),
+    Setting("allow_skips_virus_scan", False, "switch",
+            "allow-listed mail skips the virus scan too (default: viruses are always looked for)"),
+]
+
+VIRUS_CLASS_ACTIONS = ("reject", "quarantine", "discard", "tag", "tempfail")
+HEADER_REWRITE_ACTIONS = ("add", "remove", "replace")
 
 
 class Values:
@@ -169,6 +242,9 @@ def _check_value(s: Setting, value: Any, where: str) -> Any:
         if s.unit == "seconds" and value <= 0:
             raise ConfigError(f"{where}: {s.name} must be more than 0 seconds, not {value!r}")
         value = float(value)
+    elif isinstance(d, list):
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise ConfigError(f"{where}: {s.name} must be a list of strings, not {value!r}")
     elif isinstance(d, str) and not isinstance(value, str):
         raise ConfigError(f"{where}: {s.name} must be a string, not {value!r}")
     if s.choices and value not in s.choices:
@@ -178,17 +254,49 @@ def _check_value(s: Setting, value: Any, where: str) -> Any:
     return value
 
 
-def parse(settings: list[Setting], data: dict[str, Any], source: str) -> Values:
-    """Validate a decoded TOML table against `settings`."""
+def validate(settings: list[Setting], data: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
+    """The checked values of one TOML table; `where(key)` names the file and line for messages."""
     known = {s.name: s for s in settings}
     values = {}
     for key, value in data.items():
         if key not in known:
             near = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
-            raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
-        values[key] = _check_value(known[key], value, source)
-    return Values(settings, values, source)
+            raise ConfigError(f"{where(key)}: unknown setting {key!r}{hint}")
+        values[key] = _check_value(known[key], value, where(key))
+    return values
+
+
+def parse(settings: list[Setting], data: dict[str, Any], source: str, text: str | None = None) -> Values:
+    """Validate a decoded top-level TOML table against `settings`."""
+    return Values(settings, validate(settings, data, lambda key: locate(source, text, (), key)), source)
+
+
+def locate(source: str, text: str | None, table: tuple[str, ...], key: str | None = None) -> str:
+    """"FILE:LINE" of `key` in `[table]` (or of the table header), found by reading the text;
+    tomllib keeps no positions. Falls back to "FILE" when the text is not at hand."""
+    if not text:
+        return source
+    current: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        header = re.fullmatch(r"\[\[?\s*(.+?)\s*\]\]?(\s*#.*)?", stripped)
+        if header:
+            current = tuple(p.strip().strip('"\'') for p in re.findall(r'"[^"]*"|\'[^\']*\'|[^.]+', header.group(1)))
+            if key is None and current == table:
+                return f"{source}:{number}"
+            continue
+        if key is not None and current == table and re.match(rf'\s*["\']?{re.escape(key)}["\']?\s*=', line):
+            return f"{source}:{number}"
+    return source
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def read_toml(path: str) -> dict[str, Any]:
@@ -204,20 +312,11 @@ def read_toml(path: str) -> dict[str, Any]:
 def load(path: str | None) -> Values:
     """The daemon settings from `path` (None: all defaults)."""
     data = read_toml(path) if path else {}
-    cfg = parse(DAEMON_SETTINGS, data, path or "defaults")
+    cfg = parse(DAEMON_SETTINGS, data, path or "defaults", read_text(path) if path else None)
     if cfg.spool_memory_limit > cfg.message_size_limit:
         raise ConfigError(f"{cfg.source}: spool_memory_limit ({cfg.spool_memory_limit}) is larger than "
                           f"message_size_limit ({cfg.message_size_limit})")
     return cfg
-
-
-def load_policy(path: str) -> Values:
-    """The policy from `path` ("" : the shipped defaults)."""
-    data = read_toml(path) if path else {}
-    pol = parse(POLICY_SETTINGS, data, path or "default policy")
-    if isinstance(pol.tag_level, (int, float)) and pol.tag_level > pol.reject_level:
-        raise ConfigError(f"{pol.source}: tag_level ({pol.tag_level}) is above reject_level ({pol.reject_level})")
-    return pol
 
 
 def parse_client_socket(v: str) -> tuple[str, Any]:
@@ -237,6 +336,8 @@ def toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

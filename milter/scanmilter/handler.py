@@ -7,12 +7,12 @@ them); an exception there is remembered and answered with our 451 at end of mess
 from __future__ import annotations
 
 import functools
-import re
 import threading
 import time
 
 import Milter
 
+from . import headers as H
 from . import policy as P
 from .logs import escape, log, summary
 from .message import Connection, Message, Spool
@@ -20,13 +20,14 @@ from .message import Connection, Message, Spool
 INTERNAL_ERROR_REPLY = ("451", "4.7.1", "Internal error in the content filter, please try again later")
 _MILTER_ACTION = {P.ACCEPT: Milter.ACCEPT, P.REJECT: Milter.REJECT,
                   P.TEMPFAIL: Milter.TEMPFAIL, P.DISCARD: Milter.DISCARD}
-FOLD_WIDTH = 78     # header lines we write are folded to this width (RFC 5322 recommends 78)
+NO_QUARANTINE_REPLY = ("451", "4.7.1", "Message cannot be held for review now, please try again later")
 
 
 class Runtime:
     """What every connection shares: settings, policy, the pipeline, in-flight counts."""
 
     def __init__(self, cfg, policy, pipeline):
+        # Replaced whole on reload; a transaction keeps the policy it started with.
         self.cfg, self.policy, self.pipeline = cfg, policy, pipeline
         self._lock = threading.Lock()
         self.in_flight = 0
@@ -60,23 +61,6 @@ def guarded(func):
     return wrapper
 
 
-def fold(name: str, value: str, width: int = FOLD_WIDTH) -> str:
-    """Fold a header value at spaces, and inside long lists after commas; continuation
-    lines start with a tab. Returns the value without the leading space."""
-    pieces = []                       # (text, starts a new word)
-    for word in value.split(" "):
-        pieces += [(p, i == 0) for i, p in enumerate(re.findall(r"[^,]*,|[^,]+", word))]
-    lines, line, room = [], "", width - len(name) - 2
-    for text, new_word in pieces:
-        sep = " " if new_word and line else ""
-        if line and len(line) + len(sep) + len(text) > room:
-            lines.append(line)
-            line, sep, room = "", "", width - 1
-        line += sep + text
-    lines.append(line)
-    return "\n\t".join(lines)
-
-
 @Milter.header_leading_space
 class Handler(Milter.Base):
     # With header_leading_space, values arrive and leave with their leading white space,
@@ -102,7 +86,10 @@ class Handler(Milter.Base):
         self.failed = False
         cfg = self.rt.cfg
         spool = Spool(cfg.spool_memory_limit, cfg.message_size_limit, cfg.spool_directory or None)
-        self.msg = Message(sender.strip("<>"), spool, auth_user=self.getsymval("{auth_authen}") or "")
+        self.msg = Message(sender.strip("<>"), spool, auth_user=self.getsymval("{auth_authen}") or "",
+                           policy=self.rt.policy)
+        names = self.msg.policy.header_names()
+        self._keep = lambda name: name in names or name.startswith(P.VERDICT_HEADER_PREFIXES)
         self.rt.begin()
         self.conn.messages += 1
         return Milter.CONTINUE
@@ -110,14 +97,14 @@ class Handler(Milter.Base):
     @Milter.noreply
     @guarded
     def envrcpt(self, rcpt, *params):
-        self.msg.recipients.append(rcpt.strip("<>"))
+        self.msg.add_recipient(rcpt)
         return Milter.CONTINUE
 
     @Milter.noreply
     @Milter.decode("bytes")
     @guarded
     def header(self, name, value):
-        self.msg.add_header(name, value, P.OWN_HEADER_PREFIXES)
+        self.msg.add_header(name, value, self._keep)
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -141,39 +128,41 @@ class Handler(Milter.Base):
                       self.getsymval("i") or "NOQUEUE")
             self._end_message()
             return Milter.TEMPFAIL
-        msg.queue_id = self.getsymval("i") or ""
-        inspection = self.rt.pipeline.inspect(msg.spool, self.rt.policy)
-        decision = inspection.decision
-        if decision.action == P.ACCEPT:
-            self._edit_headers(msg, decision)
-        if decision.reply:
-            code, xcode, text = decision.reply
+        msg.queue_id = qid = self.getsymval("i") or ""
+        conn = self.conn
+        envelope = P.Envelope(conn.client_address, msg.auth_user, conn.daemon_name, msg.sender,
+                              tuple(msg.recipients))
+        inspection = self.rt.pipeline.inspect(msg.spool, envelope, msg.policy)
+        outcome, verdict = inspection.outcome, inspection.verdict
+        action, reply = outcome.action, outcome.reply
+        if outcome.quarantine:
+            # No quarantine store in this version (the policy loader refuses rules that need
+            # one); should a decision still ask for it, the sender retries rather than lose mail.
+            log.error("%s: quarantine requested but no quarantine store: tempfail", qid or "NOQUEUE")
+            action, reply = P.TEMPFAIL, NO_QUARANTINE_REPLY
+        elif action == P.ACCEPT:
+            for address in outcome.remove:
+                self.delrcpt(msg.raw_recipients.get(address, f"<{address}>"))
+            self._apply(H.edits(verdict, outcome, msg.seen, msg.policy))
+        if reply:
+            code, xcode, text = reply
             self.setreply(code, xcode, text.replace("%", "%%"))
-        failures = "; ".join(f"{e} {d}" for e, d in inspection.verdict.failed)
-        for engine, detail in inspection.verdict.failed:
-            log.warning("%s: %s scan failed: %s", msg.queue_id or "NOQUEUE", engine, escape(detail))
-        log.info("%s", summary(msg.queue_id, decision.action, decision.reason, inspection.verdict, msg.sender,
-                               len(msg.recipients), msg.size, (time.monotonic() - msg.started) * 1000,
-                               self.conn.client_address, failures))
+        for engine, detail in verdict.failed:
+            log.warning("%s: %s scan failed: %s", qid or "NOQUEUE", engine, escape(detail))
+        log.info("%s", summary(qid, action, outcome, verdict, msg.sender, len(msg.recipients), msg.size,
+                               (time.monotonic() - msg.started) * 1000, conn.client_address))
         self._end_message()
-        return _MILTER_ACTION[decision.action]
+        return _MILTER_ACTION[action]
 
-    def _edit_headers(self, msg: Message, decision: P.Decision) -> None:
-        # Remove copies of our verdict headers from the message, highest index first so
-        # the remaining indexes (1-based, per header name) stay valid.
-        for name, index in reversed(msg.forged):
-            self.chgheader(name, index, None)
-        for name, value in decision.headers:
-            self.addheader(name, " " + fold(name, value))
-        if decision.subject_tag:
-            old = None
-            if msg.subject is not None:
-                old = msg.subject.decode("utf-8", "replace").replace("\r\n", "\n")
-            new = P.tag_subject(old, decision.subject_tag)
-            if new is not None and old is None:
-                self.addheader("Subject", " " + new)
-            elif new is not None:
-                self.chgheader("Subject", 1, " " + new)
+    def _apply(self, edits: list[H.Edit]) -> None:
+        # With header_leading_space negotiated, values we send carry their own leading space.
+        for e in edits:
+            if e.kind == "add":
+                self.addheader(e.name, " " + e.value)
+            elif e.kind == "change":
+                self.chgheader(e.name, e.index, " " + e.value)
+            else:
+                self.chgheader(e.name, e.index, None)
 
     @guarded
     def abort(self):

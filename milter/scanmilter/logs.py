@@ -72,15 +72,20 @@ def setup(target: str, level: str, syslog_socket: str = "/dev/log") -> None:
         log.warning("syslog socket %s: %s; logging to stderr instead", syslog_socket, problem)
 
 
-def summary(queue_id: str, action: str, reason: str, verdict, sender: str, recipients: int,
-            size: int, ms: float, client: str = "", failures: str = "") -> str:
-    """"4Xk2Lz1F3z: action=reject, reason=virus, virus=Eicar, score=-, from=<a@b>, rcpts=2, size=1234, ms=85"."""
+def summary(queue_id: str, action: str, outcome, verdict, sender: str, recipients: int, size: int,
+            ms: float, client: str = "") -> str:
+    """"4Xk2Lz1F3z: action=reject, reason=virus, direction=inbound, virus=Eicar, score=-, from=<a@b>,
+    rcpts=2, size=1234, ms=85, client=192.0.2.1"."""
     from .policy import fmt_score
-    parts = [f"{queue_id or 'NOQUEUE'}: action={action}", f"reason={reason}",
-             f"virus={','.join(verdict.viruses) or '-'}", f"score={fmt_score(verdict.score)}",
-             f"from=<{escape(sender)}>", f"rcpts={recipients}", f"size={size}", f"ms={ms:.0f}"]
+    parts = [f"{queue_id or 'NOQUEUE'}: action={action}", f"reason={outcome.reason}",
+             f"direction={outcome.direction}", f"virus={','.join(verdict.viruses) or '-'}",
+             f"score={fmt_score(verdict.score)}", f"from=<{escape(sender)}>", f"rcpts={recipients}"]
+    if outcome.remove:
+        parts.append(f"removed={len(outcome.remove)}")
+    parts += [f"size={size}", f"ms={ms:.0f}"]
     if client:
         parts.append(f"client={escape(client)}")
+    failures = "; ".join(f"{e} {d}" for e, d in verdict.failed)
     if failures:
         parts.append(f"failed={escape(failures)}")
     return ", ".join(parts)

@@ -10,6 +10,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 class Spool:
@@ -106,6 +107,17 @@ class _PReader(io.RawIOBase):
         return len(data)
 
 
+@dataclass(frozen=True)
+class Seen:
+    """A header of the message as received: name, 1-based index among its name, raw value."""
+    name: str
+    index: int
+    value: bytes
+
+    def text(self) -> str:
+        return self.value.decode("utf-8", "replace").replace("\r\n", "\n").strip()
+
+
 @dataclass
 class Connection:
     """What Postfix told us about one SMTP session."""
@@ -121,25 +133,28 @@ class Message:
     sender: str
     spool: Spool
     auth_user: str = ""
+    policy: object = None            # the policy in force when the transaction began
     recipients: list[str] = field(default_factory=list)
+    raw_recipients: dict[str, str] = field(default_factory=dict)   # address -> as Postfix gave it
     queue_id: str = ""
-    # (name, 1-based occurrence among headers of that name) of verdict headers we must strip
-    forged: list[tuple[str, int]] = field(default_factory=list)
-    subject: bytes | None = None    # raw value of the first Subject header, as received
+    # headers whose values the policy needs (verdict headers to strip, rewrite targets, Subject)
+    seen: list[Seen] = field(default_factory=list)
     header_count: int = 0
     started: float = field(default_factory=time.monotonic)
-    _seen: dict[str, int] = field(default_factory=dict)
+    _counts: dict[str, int] = field(default_factory=dict)
 
-    def add_header(self, name: str, value: bytes, strip_prefixes: tuple[str, ...]) -> None:
+    def add_recipient(self, raw: str) -> None:
+        address = raw.strip().strip("<>")
+        self.recipients.append(address)
+        self.raw_recipients[address] = raw
+
+    def add_header(self, name: str, value: bytes, keep: Callable[[str], bool]) -> None:
         """Record one header exactly as Postfix passed it (value with its leading space)."""
         self.header_count += 1
         key = name.lower()
-        count = self._seen.get(key, 0) + 1
-        self._seen[key] = count
-        if key.startswith(strip_prefixes):
-            self.forged.append((name, count))
-        if key == "subject" and self.subject is None:
-            self.subject = value
+        index = self._counts[key] = self._counts.get(key, 0) + 1
+        if keep(key):
+            self.seen.append(Seen(name, index, value))
         self.spool.write(name.encode("ascii", "replace") + b":" + value + b"\r\n")
 
     def end_headers(self) -> None:
@@ -154,4 +169,3 @@ class Message:
 
     def close(self) -> None:
         self.spool.close()
-

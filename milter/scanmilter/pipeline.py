@@ -23,24 +23,29 @@ DEADLINE_GRACE = 1.0
 class Inspection:
     results: tuple[ScanResult, ...]
     verdict: Verdict
-    decision: policy_mod.Decision
+    outcome: policy_mod.Outcome
     seconds: float
 
 
-class Pipeline:
-    def __init__(self, engines: list, threads: int):
-        self.engines = engines
-        self.pool = concurrent.futures.ThreadPoolExecutor(max(threads, 1), thread_name_prefix="scan")
+def scan_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The worker threads shared by all messages (and kept across reloads)."""
+    return concurrent.futures.ThreadPoolExecutor(max(threads, 1), thread_name_prefix="scan")
 
-    def scan(self, spool) -> list[ScanResult]:
-        if not self.engines:
+
+class Pipeline:
+    def __init__(self, engines: list, pool: concurrent.futures.ThreadPoolExecutor):
+        self.engines, self.pool = engines, pool
+
+    def scan(self, spool, wanted: set[str] | None = None) -> list[ScanResult]:
+        engines = [e for e in self.engines if wanted is None or e.name in wanted]
+        if not engines:
             return []
         if spool.oversize:
             # Part of a message is not the message: an engine could call a truncated zip clean.
-            return [ScanResult(e.name, SKIPPED, "oversize") for e in self.engines]
+            return [ScanResult(e.name, SKIPPED, "oversize") for e in engines]
         start = time.monotonic()
-        others = [(e, self.pool.submit(e.scan, spool)) for e in self.engines[1:]]
-        results = [self.engines[0].scan(spool)]
+        others = [(e, self.pool.submit(e.scan, spool)) for e in engines[1:]]
+        results = [engines[0].scan(spool)]
         for engine, future in others:
             left = start + engine.timeout + DEADLINE_GRACE - time.monotonic()
             try:
@@ -51,12 +56,9 @@ class Pipeline:
                                           time.monotonic() - start))
         return results
 
-    def inspect(self, spool, policy) -> Inspection:
+    def inspect(self, spool, envelope: policy_mod.Envelope, policy: policy_mod.Policy) -> Inspection:
         start = time.monotonic()
-        results = self.scan(spool)
+        results = self.scan(spool, policy_mod.engines_needed(envelope, policy))
         verdict = combine(results, oversize=spool.oversize)
-        decision = policy_mod.decide(verdict, policy)
-        return Inspection(tuple(results), verdict, decision, time.monotonic() - start)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        outcome = policy_mod.decide(verdict, envelope, policy)
+        return Inspection(tuple(results), verdict, outcome, time.monotonic() - start)

@@ -1,128 +1,368 @@
-"""Facts + policy -> Decision: what to do with a message. Pure: no I/O, no MTA calls.
+"""Facts + policy -> what to do with a message, recipient by recipient. Pure: no I/O, no MTA calls.
 
-Order of evaluation (first match wins):
-  1. a virus was found            -> virus_action (default reject 550 5.7.1)
-  2. score >= reject_level        -> reject 550 5.7.1
-  3. an engine failed             -> scan_failure_action (default tempfail 451 4.7.1)
-  4. the message is oversize      -> oversize_action (default: accept, tagged unscanned)
-  5. otherwise accept; score >= tag_level adds X-Spam-Flag and tags the Subject once.
-Every accepted message gets X-Virus-Status and X-Spam-Status for the engines that are on.
+For each recipient (first match wins; the README in policies/ has a worked example):
+  1. block lists (client, sender, recipient)          -> reject, block_reply
+  2. a virus found (not for allow-listed mail when allow_skips_virus_scan)
+                                                      -> its [virus_classes] action, else virus_action
+  3. spam checks, unless the client, sender or recipient is allow-listed:
+     score >= reject_level                            -> reject, spam_reply
+     score >= quarantine_level                        -> quarantine
+  4. a scanner that mattered failed                   -> scan_failure_action (tempfail 451 4.7.1)
+  5. the message is oversize                          -> oversize_action
+  6. otherwise accept; subject_tag_level and tag_level decide the Subject tag and X-Spam-Flag.
+Settings come from the most specific place: [DIR.recipients."a@b"], then [DIR.domains."b"], then [DIR].
+Then the recipients' decisions become one outcome for the message (see `combine`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
 
 from .verdict import Verdict
 
-ACCEPT, REJECT, TEMPFAIL, DISCARD = "accept", "reject", "tempfail", "discard"
+ACCEPT, REJECT, TEMPFAIL, DISCARD, QUARANTINE = "accept", "reject", "tempfail", "discard", "quarantine"
+INBOUND, OUTBOUND = "inbound", "outbound"
 
 # SMTP replies by kind: (code, enhanced status code)
 REPLY_REJECT = ("550", "5.7.1")
 REPLY_TEMPFAIL = ("451", "4.7.1")
 REPLY_TOO_BIG = ("552", "5.3.4")
 
-# Header names we own. Copies arriving with a message are removed before ours are added.
-OWN_HEADER_PREFIXES = ("x-spam-", "x-virus-")
+# Header names we own. Copies arriving with inbound mail are removed before ours are added.
+VERDICT_HEADER_PREFIXES = ("x-spam-", "x-virus-", "x-quarantine-")
+
+# How strict a virus action is, to pick one when a message carries several viruses.
+VIRUS_STRICTNESS = {"tag": 0, TEMPFAIL: 1, DISCARD: 2, QUARANTINE: 3, REJECT: 4}
 
 
 @dataclass(frozen=True)
-class Decision:
-    action: str                                   # accept | reject | tempfail | discard
-    reason: str                                   # virus | spam | scan-error | oversize | ham | tagged
+class HeaderRewrite:
+    direction: str            # inbound | outbound | any
+    action: str               # add | remove | replace
+    name: str
+    match: re.Pattern | None  # remove/replace: only values matching this (None: any)
+    value: str                # add/replace: the new value
+    where: str                # file:line, for explain and logs
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Settings in force for one recipient of one direction, and where each came from."""
+    values: dict[str, Any]
+    origin: dict[str, str]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass(frozen=True)
+class Policy:
+    source: str
+    directions: dict[str, dict[str, Any]]                     # direction -> settings
+    domains: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    recipients: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    internal_networks: tuple = ()
+    authenticated_is_outbound: bool = True
+    outbound_services: frozenset = frozenset()
+    allow_senders: frozenset = frozenset()
+    allow_clients: tuple = ()
+    allow_recipients: frozenset = frozenset()
+    block_senders: frozenset = frozenset()
+    block_clients: tuple = ()
+    block_recipients: frozenset = frozenset()
+    allow_skips_virus_scan: bool = False
+    virus_classes: tuple[tuple[str, str], ...] = ()             # (pattern, action)
+    rewrites: tuple[HeaderRewrite, ...] = ()
+    quarantine_available: bool = False
+
+    def scope(self, direction: str, recipient: str) -> Scope:
+        values = dict(self.directions[direction])
+        origin = {k: f"[{direction}]" for k in values}
+        rcpt = recipient.lower()
+        domain = rcpt.rpartition("@")[2]
+        for table, key in ((self.domains, domain), (self.recipients, rcpt)):
+            override = table.get(direction, {}).get(key)
+            if override:
+                kind = "domains" if table is self.domains else "recipients"
+                values.update(override)
+                origin.update({k: f'[{direction}.{kind}."{key}"]' for k in override})
+        return Scope(values, origin)
+
+    def header_names(self) -> frozenset[str]:
+        """Lower-case names of headers whose values the handler must keep for us."""
+        return frozenset({"subject"} | {r.name.lower() for r in self.rewrites})
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the policy needs to know about one transaction."""
+    client_address: str = ""
+    auth_user: str = ""
+    daemon_name: str = ""
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RecipientDecision:
+    recipient: str
+    action: str                                   # accept | reject | tempfail | discard | quarantine
+    reason: str                                   # ham | tagged | spam | virus | scan-error | oversize | blocked | allowed
+    rule: str                                     # the setting that decided, and where it came from
+    scope: Scope
     reply: tuple[str, str, str] | None = None     # code, enhanced code, text
-    headers: tuple[tuple[str, str], ...] = ()     # to add, in order
-    subject_tag: str = ""                         # prefix the Subject with this (once)
+    spam_flag: bool = False
+    subject_tag: str = ""
+    steps: tuple[str, ...] = ()                   # the decision path, for `scanmilter explain`
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happens to the message as a whole."""
+    action: str
+    reason: str
+    direction: str
+    reply: tuple[str, str, str] | None
+    recipients: tuple[RecipientDecision, ...]
+    headers_from: RecipientDecision | None = None    # whose settings shape the header edits
+    remove: tuple[str, ...] = ()                     # recipients removed from an accepted message
+    quarantine: tuple[str, ...] = ()                 # recipients whose copy goes to quarantine
+    note: str = ""                                   # how mixed recipients were resolved
 
 
 def fmt_score(score: float | None) -> str:
     return "-" if score is None else f"{score:.1f}"
 
 
-def _tag_level(verdict: Verdict, policy) -> float:
-    if policy.tag_level == "spamd":
+def _ip(address: str):
+    try:
+        ip = ipaddress.ip_address(address.strip("[]").removeprefix("IPv6:").split("%")[0])
+    except ValueError:
+        return None
+    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
+
+
+def in_networks(address: str, networks) -> bool:
+    ip = _ip(address)
+    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
+
+
+def listed(address: str, entries: frozenset) -> bool:
+    """`address` is in `entries` as itself or by its domain ("example.org" or "@example.org")."""
+    address = address.lower()
+    domain = address.rpartition("@")[2]
+    return address in entries or domain in entries or f"@{domain}" in entries
+
+
+def direction_of(env: Envelope, policy: Policy) -> tuple[str, str]:
+    """(direction, why)."""
+    if env.daemon_name and env.daemon_name in policy.outbound_services:
+        return OUTBOUND, f"Postfix service {env.daemon_name} is in outbound_services"
+    if env.auth_user and policy.authenticated_is_outbound:
+        return OUTBOUND, f"sender authenticated as {env.auth_user}"
+    if in_networks(env.client_address, policy.internal_networks):
+        return OUTBOUND, f"client {env.client_address} is in internal_networks"
+    return INBOUND, f"client {env.client_address or 'unknown'} is outside internal_networks, not authenticated"
+
+
+def allow_reason(env: Envelope, recipient: str, policy: Policy) -> str:
+    if in_networks(env.client_address, policy.allow_clients):
+        return f"client {env.client_address} is in allow_clients"
+    if listed(env.sender, policy.allow_senders):
+        return f"sender <{env.sender}> is in allow_senders"
+    if listed(recipient, policy.allow_recipients):
+        return f"recipient <{recipient}> is in allow_recipients"
+    return ""
+
+
+def block_reason(env: Envelope, recipient: str, policy: Policy) -> str:
+    if in_networks(env.client_address, policy.block_clients):
+        return f"client {env.client_address} is in block_clients"
+    if listed(env.sender, policy.block_senders):
+        return f"sender <{env.sender}> is in block_senders"
+    if listed(recipient, policy.block_recipients):
+        return f"recipient <{recipient}> is in block_recipients"
+    return ""
+
+
+def engines_needed(env: Envelope, policy: Policy) -> set[str]:
+    """Which engines the decision can depend on: spamd is not asked about allow-listed mail."""
+    allowed = [bool(allow_reason(env, r, policy)) for r in env.recipients] or [False]
+    needed = set()
+    if not all(allowed):
+        needed.add("spamd")
+    if not (all(allowed) and policy.allow_skips_virus_scan):
+        needed.add("clamd")
+    return needed
+
+
+def virus_action(name: str, policy: Policy, default: str) -> tuple[str, str]:
+    """(action, why) for one signature: an exact [virus_classes] entry, else the longest matching
+    pattern, else the direction's virus_action."""
+    exact = [(p, a) for p, a in policy.virus_classes if p == name]
+    matches = exact or sorted(((p, a) for p, a in policy.virus_classes if fnmatch.fnmatchcase(name, p)),
+                              key=lambda pa: -len(pa[0]))
+    if matches:
+        pattern, action = matches[0]
+        return action, f'[virus_classes] "{pattern}" = "{action}"'
+    return default, ""
+
+
+def _level(value, verdict: Verdict) -> float:
+    if value == "spamd":
         return verdict.spamd_required if verdict.spamd_required is not None else 5.0
-    return float(policy.tag_level)
+    return float(value)
 
 
-def _reply_text(template: str, verdict: Verdict, required: float) -> str:
+def _text(template: str, verdict: Verdict, level: float | None = None) -> str:
     return template.format(virus=", ".join(verdict.viruses) or "-", score=fmt_score(verdict.score),
-                           required=fmt_score(required))
+                           level=fmt_score(level))
 
 
-def _failures(verdict: Verdict, engine: str) -> str:
-    return "; ".join(d for e, d in verdict.failed if e == engine)
+def decide_recipient(verdict: Verdict, env: Envelope, direction: str, recipient: str,
+                     policy: Policy) -> RecipientDecision:
+    s = policy.scope(direction, recipient)
+    steps: list[str] = []
 
+    def done(action, reason, rule, reply=None, flag=False, tag=""):
+        steps.append(f"=> {action} ({reason}): {rule}")
+        return RecipientDecision(recipient, action, reason, rule, s, reply, flag, tag, tuple(steps))
 
-def scan_headers(verdict: Verdict, tag_level: float) -> list[tuple[str, str]]:
-    """X-Virus-Status / X-Spam-* for the engines that took part."""
-    headers = []
-    virus = verdict.status_of("clamd")
-    if virus != "absent":
-        if verdict.viruses:
-            value = "infected (" + ", ".join(verdict.viruses) + ")"
-        elif virus == "clean":
-            value = "clean"
-        else:
-            reason = _failures(verdict, "clamd").partition(":")[0] if virus == "failed" else \
-                "; ".join(r for e, r in verdict.skipped if e == "clamd")
-            value = f"unscanned ({reason or virus})"
-        headers.append(("X-Virus-Status", value))
-    spam = verdict.status_of("spamd")
-    if spam == "clean" and verdict.score is not None:
-        is_spam = verdict.score >= tag_level
-        if is_spam:
-            headers.append(("X-Spam-Flag", "YES"))
-        tests = ",".join(verdict.rules) or "none"
-        headers.append(("X-Spam-Status", f"{'Yes' if is_spam else 'No'}, score={verdict.score:.1f} "
-                                         f"required={tag_level:.1f} tests={tests}"))
-    elif spam != "absent":
-        reason = _failures(verdict, "spamd").partition(":")[0] if spam == "failed" else \
-            "; ".join(r for e, r in verdict.skipped if e == "spamd")
-        headers.append(("X-Spam-Status", f"unscanned ({reason or spam})"))
-    return headers
+    def origin(key):
+        return f"{key} = {_show(s.values[key])} from {s.origin[key]}"
 
+    blocked = block_reason(env, recipient, policy)
+    if blocked:
+        return done(REJECT, "blocked", blocked, (*REPLY_REJECT, _text(s.block_reply, verdict)))
+    allowed = allow_reason(env, recipient, policy)
+    steps.append(f"allow lists: {allowed or 'no match'}")
 
-def decide(verdict: Verdict, policy) -> Decision:
-    tag_level = _tag_level(verdict, policy)
-    headers = tuple(scan_headers(verdict, tag_level))
+    scan_viruses = not (allowed and policy.allow_skips_virus_scan)
+    if verdict.viruses and scan_viruses:
+        chosen, why = "tag", ""
+        for name in verdict.viruses:
+            action, reason = virus_action(name, policy, s.virus_action)
+            if VIRUS_STRICTNESS[action] >= VIRUS_STRICTNESS[chosen]:
+                chosen, why = action, reason or origin("virus_action")
+        steps.append(f"virus {', '.join(verdict.viruses)}: {why}")
+        if chosen == REJECT:
+            return done(REJECT, "virus", why, (*REPLY_REJECT, _text(s.virus_reply, verdict)))
+        if chosen == TEMPFAIL:
+            return done(TEMPFAIL, "virus", why, (*REPLY_TEMPFAIL, _text(s.virus_reply, verdict)))
+        if chosen == DISCARD:
+            return done(DISCARD, "virus", why)
+        if chosen == QUARANTINE:
+            return done(QUARANTINE, "virus", why, _quarantine_reply(s, verdict))
+    else:
+        steps.append("virus: none found" if scan_viruses else "virus: not scanned (allow_skips_virus_scan)")
 
-    if verdict.viruses:
-        text = _reply_text(policy.virus_reply, verdict, tag_level)
-        if policy.virus_action == REJECT:
-            return Decision(REJECT, "virus", (*REPLY_REJECT, text))
-        if policy.virus_action == TEMPFAIL:
-            return Decision(TEMPFAIL, "virus", (*REPLY_TEMPFAIL, text))
-        if policy.virus_action == DISCARD:
-            return Decision(DISCARD, "virus")
-        return Decision(ACCEPT, "virus", headers=headers)
+    score = verdict.score
+    if allowed:
+        steps.append("spam: not checked (allow-listed)")
+        score = None
+    elif score is not None:
+        reject_level, quarantine_level = _level(s.reject_level, verdict), _level(s.quarantine_level, verdict)
+        steps.append(f"spam score {fmt_score(score)}: reject_level {fmt_score(reject_level)}, "
+                     f"quarantine_level {fmt_score(quarantine_level)}")
+        if score >= reject_level:
+            return done(REJECT, "spam", origin("reject_level"),
+                        (*REPLY_REJECT, _text(s.spam_reply, verdict, reject_level)))
+        if score >= quarantine_level:
+            return done(QUARANTINE, "spam", origin("quarantine_level"), _quarantine_reply(s, verdict))
 
-    if verdict.score is not None and verdict.score >= policy.reject_level:
-        return Decision(REJECT, "spam", (*REPLY_REJECT, _reply_text(policy.spam_reply, verdict, tag_level)))
-
-    if verdict.failed and policy.scan_failure_action == TEMPFAIL:
-        return Decision(TEMPFAIL, "scan-error",
-                        (*REPLY_TEMPFAIL, _reply_text(policy.tempfail_reply, verdict, tag_level)))
-
+    failed = [f"{e} {d}" for e, d in verdict.failed if e == "clamd" and scan_viruses or e == "spamd" and not allowed]
+    if failed and s.scan_failure_action == TEMPFAIL:
+        return done(TEMPFAIL, "scan-error", f"{'; '.join(failed)}; {origin('scan_failure_action')}",
+                    (*REPLY_TEMPFAIL, _text(s.tempfail_reply, verdict)))
     if verdict.oversize:
-        if policy.oversize_action == "reject":
-            return Decision(REJECT, "oversize", (*REPLY_TOO_BIG, "Message too big to be scanned"))
-        return Decision(ACCEPT, "oversize", headers=headers if policy.oversize_action == "tag" else ())
+        if s.oversize_action == "reject":
+            return done(REJECT, "oversize", origin("oversize_action"), (*REPLY_TOO_BIG, "Message too big to be scanned"))
+        return done(ACCEPT, "oversize", origin("oversize_action"))
+    if failed:
+        return done(ACCEPT, "scan-error", f"{'; '.join(failed)}; {origin('scan_failure_action')}")
+    if verdict.viruses and scan_viruses:
+        return done(ACCEPT, "virus", "virus action tag: accepted with X-Virus-Status: infected")
+    if score is not None:
+        flag = score >= _level(s.tag_level, verdict)
+        tag = s.subject_tag if s.subject_tag and score >= _level(s.subject_tag_level, verdict) else ""
+        if flag or tag:
+            rule = origin("tag_level") + (f"; {origin('subject_tag_level')}" if tag else "")
+            return done(ACCEPT, "tagged", rule, flag=flag, tag=tag)
+        return done(ACCEPT, "ham", f"score below {origin('tag_level')}")
+    return done(ACCEPT, "allowed" if allowed else "ham", allowed or "nothing to act on")
 
-    if verdict.failed:
-        return Decision(ACCEPT, "scan-error", headers=headers)
 
-    if verdict.score is not None and verdict.score >= tag_level:
-        return Decision(ACCEPT, "tagged", headers=headers, subject_tag=policy.subject_tag)
-    return Decision(ACCEPT, "ham", headers=headers)
+def _quarantine_reply(s: Scope, verdict: Verdict):
+    return (*REPLY_REJECT, _text(s.quarantine_reply, verdict)) if s.quarantine_action == REJECT else None
 
 
-def tag_subject(subject: str | None, tag: str) -> str | None:
-    """The new Subject value, or None when it already carries the tag (never tag twice)."""
-    if not tag:
-        return None
-    if subject is None:
-        return tag
-    stripped = subject.lstrip(" \t\r\n")
-    if stripped.startswith(tag):
-        return None
-    return f"{tag} {stripped}" if stripped else tag
+def _show(value) -> str:
+    return f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# Which accepted recipient's settings shape the headers: the most cautious one.
+_HEADER_RANK = {"tagged": 3, "virus": 3, "scan-error": 2, "oversize": 1}
+
+
+def combine(decisions: list[RecipientDecision], direction: str, policy: Policy) -> Outcome:
+    """One outcome for the message from its recipients' decisions.
+
+    - all agree: that action;
+    - any tempfail: tempfail for all (the sender retries; nothing is lost);
+    - some accept: the message goes to them; recipients that would reject or quarantine are
+      removed and their copy quarantined, discarding ones are removed. Without a quarantine
+      store a reject cannot be kept per recipient, so the whole message is rejected (the sender
+      is told; nobody's copy disappears silently);
+    - none accept: reject if any rejects; else quarantine for the quarantining ones; else discard.
+    Headers follow the most cautious accepting recipient (tagged > scan-error > oversize > ham).
+    """
+    actions = [d.action for d in decisions]
+
+    def first(action):
+        return next(d for d in decisions if d.action == action)
+
+    def outcome(action, lead, **kw):
+        return Outcome(action, lead.reason, direction, lead.reply, tuple(decisions), **kw)
+
+    if len(set(actions)) == 1:
+        lead = decisions[0]
+        if lead.action == ACCEPT:
+            lead = max(decisions, key=lambda d: (d.spam_flag or bool(d.subject_tag), _HEADER_RANK.get(d.reason, 0)))
+            return outcome(ACCEPT, lead, headers_from=lead)
+        rcpts = tuple(d.recipient for d in decisions) if lead.action == QUARANTINE else ()
+        return outcome(lead.action, lead, quarantine=rcpts)
+    if TEMPFAIL in actions:
+        return outcome(TEMPFAIL, first(TEMPFAIL), note="mixed recipients: one tempfails, so all do")
+    accepted = [d for d in decisions if d.action == ACCEPT]
+    if accepted:
+        others = [d for d in decisions if d.action != ACCEPT]
+        if REJECT in actions and not policy.quarantine_available:
+            return outcome(REJECT, first(REJECT),
+                           note="mixed recipients: a reject cannot be kept per recipient without a "
+                                "quarantine, so the message is rejected for all")
+        lead = max(accepted, key=lambda d: (d.spam_flag or bool(d.subject_tag), _HEADER_RANK.get(d.reason, 0)))
+        held = tuple(d.recipient for d in others if d.action in (REJECT, QUARANTINE))
+        return Outcome(ACCEPT, lead.reason, direction, None, tuple(decisions), headers_from=lead,
+                       remove=tuple(d.recipient for d in others), quarantine=held,
+                       note=f"mixed recipients: delivered to {len(accepted)}, removed {len(others)}"
+                            + (f", quarantined for {len(held)}" if held else ""))
+    if REJECT in actions:
+        return outcome(REJECT, first(REJECT), note="mixed recipients: none accepts; rejected for all")
+    if QUARANTINE in actions:
+        lead = first(QUARANTINE)
+        return Outcome(QUARANTINE, lead.reason, direction, lead.reply, tuple(decisions),
+                       quarantine=tuple(d.recipient for d in decisions if d.action == QUARANTINE),
+                       note="mixed recipients: quarantined for some, discarded for the others")
+    return outcome(DISCARD, first(DISCARD))
+
+
+def decide(verdict: Verdict, env: Envelope, policy: Policy) -> Outcome:
+    direction, _ = direction_of(env, policy)
+    recipients = env.recipients or ("",)
+    return combine([decide_recipient(verdict, env, direction, r, policy) for r in recipients], direction, policy)

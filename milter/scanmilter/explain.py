@@ -1,0 +1,81 @@
+"""`scanmilter explain`: run one message file through the real pipeline and show the decision path."""
+from __future__ import annotations
+
+import re
+
+from . import headers as H
+from . import policy as P
+from .message import Message, Spool
+from .pipeline import Pipeline, scan_pool
+from .scanners import CLEAN, FOUND, ScanResult
+from .verdict import combine
+
+
+def read_message(data: bytes, keep) -> Message:
+    """A Message as the handler would have built it from Postfix's callbacks."""
+    data = re.sub(rb"\r?\n", b"\r\n", data)
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep and not re.match(rb"[!-9;-~]+:", head):
+        head, body = b"", data        # no header section at all
+    msg = Message("", Spool(1 << 20, 1 << 40))
+    for field in re.split(rb"\r\n(?![ \t])", head) if head else []:
+        name, colon, value = field.partition(b":")
+        if colon:
+            msg.add_header(name.decode("ascii", "replace"), value, keep)
+    msg.end_headers()
+    msg.add_body(body)
+    return msg
+
+
+def explain(data: bytes, envelope: P.Envelope, policy: P.Policy, engines: list,
+            score: float | None = None, viruses: tuple[str, ...] = ()) -> str:
+    names = policy.header_names()
+    msg = read_message(data, lambda n: n in names or n.startswith(P.VERDICT_HEADER_PREFIXES))
+    out = [f"message: {len(data)} bytes, {msg.header_count} header lines, from <{envelope.sender}>, "
+           f"to {', '.join(f'<{r}>' for r in envelope.recipients)}"]
+    direction, why = P.direction_of(envelope, policy)
+    out.append(f"direction: {direction} ({why})")
+    needed = P.engines_needed(envelope, policy)
+    if score is not None or viruses:
+        results = [ScanResult("spamd", CLEAN, score=score if score is not None else 0.0, required=5.0)]
+        results.append(ScanResult("clamd", FOUND, viruses=viruses) if viruses else ScanResult("clamd", CLEAN))
+        results = [r for r in results if r.engine in needed]
+        out.append("scan: given on the command line (no scanner asked)")
+    else:
+        with scan_pool(len(engines)) as pool:
+            results = Pipeline(engines, pool).scan(msg.spool, needed)
+    for r in results:
+        what = {"clamd": f"{', '.join(r.viruses) or 'no virus'}",
+                "spamd": f"score {P.fmt_score(r.score)} (spamd requires {P.fmt_score(r.required)}), "
+                         f"tests={','.join(r.rules) or 'none'}"}[r.engine]
+        out.append(f"  {r.engine}: {r.outcome}{' ' + r.detail if r.detail else ''}; {what}; {r.seconds * 1000:.0f} ms")
+    skipped = sorted({"clamd", "spamd"} - needed)
+    if skipped:
+        out.append(f"  not asked: {', '.join(skipped)} (allow lists)")
+    verdict = combine(results, oversize=msg.spool.oversize)
+    outcome = P.decide(verdict, envelope, policy)
+    for d in outcome.recipients:
+        sources = sorted(set(d.scope.origin.values()))
+        out.append(f"recipient <{d.recipient}>: settings from {', '.join(sources)}")
+        out += [f"  {step}" for step in d.steps]
+    out.append(f"message: {outcome.action}" + (f" ({outcome.note})" if outcome.note else ""))
+    for r in outcome.remove:
+        out.append(f"  delrcpt <{r}>")
+    for r in outcome.quarantine:
+        out.append(f"  quarantine copy for <{r}>")
+    if outcome.action == P.ACCEPT:
+        out.append("header edits:")
+        edits = H.edits(verdict, outcome, msg.seen, policy)
+        for e in edits:
+            value = e.value.replace("\n", "\n      ")
+            out.append({"add": f"  + {e.name}: {value}", "change": f"  ~ {e.name}[{e.index}]: {value}",
+                        "remove": f"  - {e.name}[{e.index}]"}[e.kind])
+        if not edits:
+            out.append("  (none)")
+    reply = outcome.reply
+    out.append("SMTP reply: " + (" ".join(reply) if reply else {
+        P.ACCEPT: "250 (Postfix's own, the message is queued)",
+        P.DISCARD: "250 (Postfix's own; the message is discarded)",
+        P.QUARANTINE: "250 (Postfix's own; the message is held)"}.get(outcome.action, outcome.action)))
+    msg.close()
+    return "\n".join(out)
