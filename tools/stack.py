@@ -444,8 +444,9 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
 
     # ------------------------------------------------------------ mail helpers
     def send(self, msg_bytes, sender, recipients, xclient_addr=None, xclient_name="mail.outside.test",
-             timeout=300):
-        """Send over SMTP; {"code", "reply", "stage"} of the DATA answer or of the first refusal."""
+             timeout=300, xclient_login=None):
+        """Send over SMTP; {"code", "reply", "stage"} of the DATA answer or of the first refusal.
+        xclient_login: present the session as SASL-authenticated with this login (XCLIENT LOGIN)."""
         def result(code, reply, stage):
             reply = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
             return {"code": code, "reply": reply, "stage": stage}
@@ -453,9 +454,12 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
         try:
             with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=timeout) as smtp:
                 smtp.ehlo("client.test")
-                if xclient_addr:
+                if xclient_addr or xclient_login:
                     stage = "xclient"
-                    code, reply = smtp.docmd("XCLIENT", f"ADDR={xclient_addr} NAME={xclient_name}")
+                    attrs = f"ADDR={xclient_addr} NAME={xclient_name}" if xclient_addr else ""
+                    if xclient_login:
+                        attrs += f" LOGIN={xclient_login}"
+                    code, reply = smtp.docmd("XCLIENT", attrs.strip())
                     if code != 220:
                         return result(code, reply, stage)
                     smtp.ehlo_resp = smtp.helo_resp = None  # XCLIENT restarts the session

@@ -1,0 +1,158 @@
+"""End to end through real Postfix: directions, overrides, mixed recipients, header rewrites, reload."""
+import os
+import signal
+import tempfile
+import threading
+import time
+import uuid
+
+import pytest
+
+import stack as stacklib
+from test_e2e import OUTSIDE, delivered_with, header_lines, make, not_delivered
+
+pytestmark = pytest.mark.integration
+
+POLICY = """
+[inbound.domains."strict.example.com"]
+reject_level = 6.0
+[inbound.domains."lab.example.com"]
+virus_action = "tag"
+[inbound.recipients."spamlover@example.com"]
+reject_level = 1000.0
+[inbound.recipients."trap@example.com"]
+virus_action = "discard"
+
+[[header_rewrite]]
+direction = "outbound"
+action = "remove"
+name = "X-Originating-IP"
+
+[[header_rewrite]]
+direction = "outbound"
+action = "replace"
+name = "X-Mailer"
+match = "^Internal"
+value = "Mailer"
+"""
+
+
+@pytest.fixture(scope="module")
+def stack():
+    root = tempfile.mkdtemp(prefix="scanmilter-e2e-pol-")
+    s = stacklib.Stack(root, smtp_port=stacklib.free_port(), policy_text=POLICY)
+    s.start()
+    yield s
+    s.stop()
+
+
+def tagged(marker, **kw):
+    """A message our test spamd rule scores 8.0: between tag (5) and reject (15)."""
+    return make(f"scanmilter-tag-test {marker}", **kw)
+
+
+def test_inbound_from_outside_is_tagged(stack):
+    marker = uuid.uuid4().hex
+    r = stack.send(tagged(marker), "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)
+    assert r["code"] == 250, r
+    d = delivered_with(stack, marker)
+    assert header_lines(d.data, "Subject") == [f"Subject: [SPAM] scanmilter-tag-test {marker}"]
+    assert header_lines(d.data, "X-Spam-Flag") == ["X-Spam-Flag: YES"]
+    assert f"direction=inbound" in stack.logs["scanmilter"].read_text()
+
+
+def _outbound_checks(d, marker):
+    assert header_lines(d.data, "Subject") == [f"Subject: scanmilter-tag-test {marker}"]   # never rewritten
+    assert header_lines(d.data, "X-Spam-Status") == [] and header_lines(d.data, "X-Virus-Status") == []
+    assert header_lines(d.data, "X-Originating-IP") == []                                # rewrite: removed
+    assert header_lines(d.data, "X-Mailer") == ["X-Mailer: Mailer"]                       # rewrite: replaced
+
+
+OUTBOUND_EXTRA = [("X-Originating-IP", "10.1.2.3"), ("X-Mailer", "Internal Tool 2.1")]
+
+
+def test_outbound_from_mynetworks_is_not_tagged_and_rewritten(stack):
+    marker = uuid.uuid4().hex
+    r = stack.send(tagged(marker, extra=OUTBOUND_EXTRA), "carol@example.com", ["dave@elsewhere.test"])
+    assert r["code"] == 250, r
+    _outbound_checks(delivered_with(stack, marker), marker)
+
+
+def test_sasl_authenticated_sender_is_outbound(stack):
+    marker = uuid.uuid4().hex
+    r = stack.send(tagged(marker, extra=OUTBOUND_EXTRA), "carol@example.com", ["bob@example.com"],
+                   xclient_addr=OUTSIDE, xclient_login="carol")
+    assert r["code"] == 250, r
+    _outbound_checks(delivered_with(stack, marker), marker)
+    line = [x for x in stack.logs["scanmilter"].read_text().splitlines() if "direction=" in x][-1]
+    assert "direction=outbound" in line and f"client={OUTSIDE}" in line
+
+
+def test_outbound_spam_is_refused_with_a_reply_for_the_user(stack):
+    gtube = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+    r = stack.send(make("hi", body=gtube + "\n"), "carol@example.com", ["dave@elsewhere.test"])
+    assert r["code"] == 550 and "Your message was not sent: it looks like spam" in r["reply"], r
+
+
+def test_per_domain_override_takes_effect(stack):
+    marker = uuid.uuid4().hex
+    r = stack.send(tagged(marker), "alice@outside.test", ["eve@strict.example.com"], xclient_addr=OUTSIDE)
+    assert r["code"] == 550 and "limit 6.0" in r["reply"], r
+    assert not_delivered(stack, marker)
+
+
+def test_mixed_recipients_one_discards_a_virus_the_other_gets_it_tagged(stack):
+    marker = uuid.uuid4().hex
+    data = make(f"virus for two {marker}", body=stacklib.eicar().decode() + "\n")
+    r = stack.send(data, "alice@outside.test", ["researcher@lab.example.com", "trap@example.com"],
+                   xclient_addr=OUTSIDE)
+    assert r["code"] == 250, r
+    d = delivered_with(stack, marker)
+    assert d.recipients == ["researcher@lab.example.com"]                  # trap@ removed (delrcpt)
+    assert header_lines(d.data, "X-Virus-Status") == ["X-Virus-Status: infected (Eicar-Test-Signature.UNOFFICIAL)"]
+    assert "removed=1" in stack.logs["scanmilter"].read_text()
+
+
+def test_mixed_recipients_with_a_reject_are_rejected_for_all(stack):
+    marker = uuid.uuid4().hex
+    r = stack.send(tagged(marker), "alice@outside.test", ["spamlover@example.com", "eve@strict.example.com"],
+                   xclient_addr=OUTSIDE)
+    assert r["code"] == 550, r
+    assert not_delivered(stack, marker)
+
+
+def test_sighup_reloads_under_traffic_and_a_broken_policy_is_refused(stack):
+    [(pid, _)] = stack._pids("scanmilter")
+    policy_file = stack.root / "scanmilter" / "policy.toml"
+    results, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            marker = uuid.uuid4().hex
+            r = stack.send(tagged(marker), "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)
+            results.append((marker, r["code"]))
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        time.sleep(1.0)
+        policy_file.write_text(POLICY + '\n[inbound]\nsubject_tag = "[JUNK]"\n')
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(1.5)
+        policy_file.write_text("[inbound]\nreject_level = \"broken\"\n")
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        sender.join()
+    assert stacklib._alive(pid) and stack._pids("scanmilter")[0][0] == pid
+    assert len(results) >= 5 and all(code == 250 for _, code in results), results
+    log = stack.logs["scanmilter"].read_text()
+    assert "reloaded configuration" in log
+    assert "reload refused, old configuration and policy stay in force" in log and "reject_level" in log
+    subjects = [header_lines(delivered_with(stack, m).data, "Subject")[0] for m, _ in results]
+    assert subjects[0].startswith("Subject: [SPAM] ")
+    assert subjects[-1].startswith("Subject: [JUNK] ")           # the good new policy, kept after the bad one
+    assert all(s.startswith(("Subject: [SPAM] ", "Subject: [JUNK] ")) for s in subjects)
+    policy_file.write_text(POLICY)
+    os.kill(pid, signal.SIGHUP)
