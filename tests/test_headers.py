@@ -116,3 +116,14 @@ def test_fold_keeps_lines_short_and_adds_only_white_space():
     lines = ("X-Spam-Status: " + folded).split("\n")
     assert all(len(line) <= 78 for line in lines) and len(lines) > 1
     assert re.sub(r"\s", "", folded) == re.sub(r"\s", "", value)
+
+
+def test_oversize_skip_adds_no_scan_headers_but_tag_does(tmp_path):
+    path = tmp_path / "p.toml"
+    results = [ScanResult("spamd", "skipped", "oversize"), ScanResult("clamd", "skipped", "oversize")]
+    for action, expected in (("skip", []), ("tag", ["X-Virus-Status", "X-Spam-Status"])):
+        path.write_text(f'[inbound]\noversize_action = "{action}"\n')
+        pol = policyfile.load(str(path))
+        verdict = combine(results, oversize=True)
+        outcome = P.decide(verdict, OUTSIDE, pol)
+        assert [e.name for e in H.edits(verdict, outcome, [], pol) if e.kind == "add"] == expected

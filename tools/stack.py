@@ -152,6 +152,8 @@ class Stack:
         self.clamd_settings = dict(clamd_settings or {})
         self.policy_text = policy_text
         self.sink_port, self.spamd_port, self.clamd_port = free_port(), free_port(), free_port()
+        # quarantine releases re-inject here: an smtpd without milters, as the README documents
+        self.release_port = free_port()
         r = self.root
         self.run_dir, self.delivered_dir = r / "run", r / "delivered"
         self.clamd_socket = r / "clamd" / "clamd.sock"
@@ -223,7 +225,8 @@ score    SCANMILTER_TAG_TEST 8.0
         # scanmilter
         settings = {"milter_socket": self.milter_address, "milter_socket_mode": "0666",
                     "clamd_socket": f"unix:{self.clamd_socket}",
-                    "spamd_socket": f"inet:127.0.0.1:{self.spamd_port}"}
+                    "spamd_socket": f"inet:127.0.0.1:{self.spamd_port}",
+                    "quarantine_release_address": f"inet:127.0.0.1:{self.release_port}"}
         if self.policy_text is not None:
             policy = r / "scanmilter/policy.toml"
             policy.write_text(self.policy_text)
@@ -278,7 +281,9 @@ milter_mail_macros = i {{auth_type}} {{auth_authen}} {{auth_author}} {{mail_addr
 milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
 """
         services = [  # name type private unpriv chroot wakeup maxproc command; chroot always off
-            f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd", "pickup unix n - n 60 1 pickup",
+            f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd",
+            f"127.0.0.1:{self.release_port} inet n - n - - smtpd -o smtpd_milters= -o non_smtpd_milters=",
+            "pickup unix n - n 60 1 pickup",
             "cleanup unix n - n - 0 cleanup", "qmgr unix n - n 300 1 qmgr",
             "rewrite unix - - n - - trivial-rewrite", "bounce unix - - n - 0 bounce",
             "defer unix - - n - 0 bounce", "trace unix - - n - 0 bounce", "verify unix - - n - 1 verify",

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from . import __version__, config, logs, policyfile
+from . import __version__, config, logs, policyfile, quarantine
 from .logs import log
 from .pipeline import Pipeline, scan_pool
 from .scanners.clamd import ClamdScanner
@@ -52,8 +52,17 @@ def build_engines(cfg) -> list:
 def load_all(config_path: str | None):
     """(settings, policy, policy warnings); raises ConfigError."""
     cfg = config.load(config_path)
-    policy, warnings = policyfile.check(cfg.policy_file)
+    policy, warnings = policyfile.check(cfg.policy_file, quarantine_available=bool(cfg.quarantine_directory))
     return cfg, policy, warnings
+
+
+def open_store(cfg) -> quarantine.Store | None:
+    if not cfg.quarantine_directory:
+        return None
+    try:
+        return quarantine.Store(cfg.quarantine_directory)
+    except quarantine.StoreError as e:
+        raise config.ConfigError(f"quarantine_directory: {e}") from None
 
 
 class Signals:
@@ -81,6 +90,7 @@ class Signals:
 def serve(config_path: str | None) -> int:
     try:
         cfg, policy, warnings = load_all(config_path)
+        store = open_store(cfg)
         check_milter_extension()
     except config.ConfigError as e:
         print(f"scanmilter: fatal: {e}", file=sys.stderr)
@@ -93,7 +103,11 @@ def serve(config_path: str | None) -> int:
     import milter
     from .handler import Handler, Runtime
 
-    runtime = Runtime(cfg, policy, Pipeline(build_engines(cfg), scan_pool(cfg.scan_threads)))
+    if store is not None:
+        removed = store.recover(min_age=0)    # no writer of ours is running yet
+        if removed:
+            log.warning("quarantine: removed %d file(s) left by an interrupted write", removed)
+    runtime = Runtime(cfg, policy, Pipeline(build_engines(cfg), scan_pool(cfg.scan_threads)), store)
     Milter.factory = lambda: Handler(runtime)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT)
     # libmilter creates the socket with the process umask; this gives it milter_socket_mode.
@@ -132,6 +146,7 @@ def reload(runtime, config_path: str | None) -> bool:
     Messages in flight finish with the policy they started with."""
     try:
         cfg, policy, warnings = load_all(config_path)
+        store = open_store(cfg) if cfg.quarantine_directory != runtime.cfg.quarantine_directory else runtime.store
     except config.ConfigError as e:
         log.error("reload refused, old configuration and policy stay in force: %s", e)
         return False
@@ -142,7 +157,7 @@ def reload(runtime, config_path: str | None) -> bool:
             log.warning("reload: %s changed; it takes effect after a restart", name)
     # Plain attribute swaps: a message reads each once, so it sees the old or the new whole.
     runtime.pipeline = Pipeline(build_engines(cfg), runtime.pipeline.pool)
-    runtime.cfg, runtime.policy = cfg, policy
+    runtime.cfg, runtime.policy, runtime.store = cfg, policy, store
     logging.getLogger("scanmilter").setLevel(cfg.log_level.upper())
     log.info("reloaded configuration %s and policy %s", config_path or "(defaults)", policy.source)
     return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, config, policyfile
+from . import __version__, config, policyfile, quarantine_cli
 from .policy import INBOUND, OUTBOUND
 
 
@@ -14,9 +14,8 @@ def _fatal(e: Exception) -> int:
 
 
 def _load(path):
-    cfg = config.load(path)
-    policy, warnings = policyfile.check(cfg.policy_file)
-    return cfg, policy, warnings
+    from .app import load_all
+    return load_all(path)
 
 
 def render_policy(policy, only_changed: bool) -> str:
@@ -109,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score", type=float, help="use this spam score instead of asking spamd")
     p.add_argument("--virus", action="append", default=[], help="pretend clamd found this (repeatable)")
     p.set_defaults(func=_explain)
+
+    quarantine_cli.add_parser(sub)
 
     args = parser.parse_args(argv)
     if args.command == "explain" and not args.rcpt:

@@ -91,6 +91,14 @@ DAEMON_SETTINGS = [
             "worker threads shared by all messages for scanning engines in parallel"),
     Setting("shutdown_timeout", 30.0, "seconds",
             "on SIGTERM, how long in-flight messages may take to finish before the process exits"),
+    Setting("quarantine_directory", "", "path",
+            "where held mail is kept (created 0700); empty: no quarantine, and policies that hold mail are refused"),
+    Setting("quarantine_release_address", "inet:127.0.0.1:10026", "socket",
+            "the Postfix service that `quarantine release` re-injects into; it must not run scanmilter",
+            check=_client_socket),
+    Setting("quarantine_release_timeout", 60.0, "seconds", "how long a release may take over SMTP"),
+    Setting("quarantine_max_age", 30 * 86400, "seconds",
+            "`quarantine purge` without --older-than deletes entries older than this"),
     Setting("clamd_enabled", True, "switch", "scan for viruses with clamd"),
     Setting("clamd_socket", "unix:/run/clamav/clamd.ctl", "socket",
             "clamd's address: unix:/path or inet:HOST:PORT", check=_client_socket),
@@ -186,7 +194,8 @@ DIRECTIONS_SETTINGS = [
             "clients in these networks send outbound mail", check=_cidrs),
     Setting("authenticated_is_outbound", True, "switch", "mail from SASL-authenticated senders is outbound"),
     Setting("outbound_services", [], "list",
-            "Postfix services ({daemon_name}, e.g. submission) whose mail is outbound"),
+            "Postfix services whose mail is outbound, by {daemon_name} (set it in master.cf with "
+            "-o milter_macro_daemon_name=submission)"),
 ]
 
 LISTS_SETTINGS = [

@@ -20,15 +20,15 @@ from .message import Connection, Message, Spool
 INTERNAL_ERROR_REPLY = ("451", "4.7.1", "Internal error in the content filter, please try again later")
 _MILTER_ACTION = {P.ACCEPT: Milter.ACCEPT, P.REJECT: Milter.REJECT,
                   P.TEMPFAIL: Milter.TEMPFAIL, P.DISCARD: Milter.DISCARD}
-NO_QUARANTINE_REPLY = ("451", "4.7.1", "Message cannot be held for review now, please try again later")
+STORE_FAILED_REPLY = ("451", "4.7.1", "Message cannot be held for review now, please try again later")
 
 
 class Runtime:
     """What every connection shares: settings, policy, the pipeline, in-flight counts."""
 
-    def __init__(self, cfg, policy, pipeline):
+    def __init__(self, cfg, policy, pipeline, store=None):
         # Replaced whole on reload; a transaction keeps the policy it started with.
-        self.cfg, self.policy, self.pipeline = cfg, policy, pipeline
+        self.cfg, self.policy, self.pipeline, self.store = cfg, policy, pipeline, store
         self._lock = threading.Lock()
         self.in_flight = 0
 
@@ -135,12 +135,14 @@ class Handler(Milter.Base):
         inspection = self.rt.pipeline.inspect(msg.spool, envelope, msg.policy)
         outcome, verdict = inspection.outcome, inspection.verdict
         action, reply = outcome.action, outcome.reply
+        held = ""
         if outcome.quarantine:
-            # No quarantine store in this version (the policy loader refuses rules that need
-            # one); should a decision still ask for it, the sender retries rather than lose mail.
-            log.error("%s: quarantine requested but no quarantine store: tempfail", qid or "NOQUEUE")
-            action, reply = P.TEMPFAIL, NO_QUARANTINE_REPLY
-        elif action == P.ACCEPT:
+            held = self._hold(msg, outcome, verdict)
+            if not held:        # the copy is not safe on disk: the sender retries, nothing is lost
+                action, reply = P.TEMPFAIL, STORE_FAILED_REPLY
+            elif action == P.QUARANTINE:
+                action = P.REJECT if reply else P.DISCARD     # quarantine_action: reject or discard
+        if action == P.ACCEPT:
             for address in outcome.remove:
                 self.delrcpt(msg.raw_recipients.get(address, f"<{address}>"))
             self._apply(H.edits(verdict, outcome, msg.seen, msg.policy))
@@ -149,10 +151,37 @@ class Handler(Milter.Base):
             self.setreply(code, xcode, text.replace("%", "%%"))
         for engine, detail in verdict.failed:
             log.warning("%s: %s scan failed: %s", qid or "NOQUEUE", engine, escape(detail))
-        log.info("%s", summary(qid, action, outcome, verdict, msg.sender, len(msg.recipients), msg.size,
-                               (time.monotonic() - msg.started) * 1000, conn.client_address))
+        logged = P.QUARANTINE if held and outcome.action == P.QUARANTINE else action
+        log.info("%s", summary(qid, logged, outcome, verdict, msg.sender, len(msg.recipients), msg.size,
+                               (time.monotonic() - msg.started) * 1000, conn.client_address, held))
         self._end_message()
         return _MILTER_ACTION[action]
+
+    def _hold(self, msg: Message, outcome: P.Outcome, verdict) -> str:
+        """Write the message to the quarantine before answering Postfix; the entry id, or ""."""
+        qid = msg.queue_id or "NOQUEUE"
+        store = self.rt.store
+        if store is None or msg.spool.oversize:
+            # Never hold part of a message, and never pretend to hold without a store.
+            log.error("%s: cannot quarantine %s: tempfail", qid,
+                      "an oversize message" if store else "without quarantine_directory")
+            return ""
+        lead = next(d for d in outcome.recipients if d.recipient in outcome.quarantine)
+        subject = next((h.text() for h in msg.seen if h.name.lower() == "subject"), "")
+        meta = {"queue_id": msg.queue_id, "sender": msg.sender, "recipients": list(outcome.quarantine),
+                "subject": subject,
+                "all_recipients": list(msg.recipients), "client_address": self.conn.client_address,
+                "client_name": self.conn.client_name, "auth_user": msg.auth_user, "direction": outcome.direction,
+                "reason": lead.reason, "viruses": list(verdict.viruses), "score": verdict.score,
+                "rules": list(verdict.rules), "rule": lead.rule}
+        try:
+            with msg.spool.reader() as reader:
+                entry = store.put(reader, meta)
+        except Exception as e:     # StoreError, or anything else: never answer before the copy is safe
+            log.error("%s: quarantine store failed: %s: tempfail", qid, escape(str(e)))
+            return ""
+        log.info("%s: quarantined as %s for %s", qid, entry, ", ".join(f"<{escape(r)}>" for r in outcome.quarantine))
+        return entry
 
     def _apply(self, edits: list[H.Edit]) -> None:
         # With header_leading_space negotiated, values we send carry their own leading space.

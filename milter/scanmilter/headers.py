@@ -128,7 +128,8 @@ def edits(verdict: Verdict, outcome: Outcome, seen: list[Seen], policy: Policy) 
                 changes.append(Edit("change", h.name, h.index, safe_value(h.name, rule.value)))
     removed = {(h.name.lower(), h.index) for h in removals}
     changes = [c for c in changes if (c.name.lower(), c.index) not in removed]
-    if scope.add_scan_headers:
+    skip = lead.reason == "oversize" and scope.oversize_action == "skip"    # oversize: no scan headers
+    if scope.add_scan_headers and not skip:
         additions += [Edit("add", name, value=fold(name, value)) for name, value in scan_headers(verdict, outcome)]
     if lead.subject_tag:
         subject = next((h for h in seen if h.name.lower() == "subject"), None)

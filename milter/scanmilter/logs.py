@@ -73,7 +73,7 @@ def setup(target: str, level: str, syslog_socket: str = "/dev/log") -> None:
 
 
 def summary(queue_id: str, action: str, outcome, verdict, sender: str, recipients: int, size: int,
-            ms: float, client: str = "") -> str:
+            ms: float, client: str = "", quarantine_id: str = "") -> str:
     """"4Xk2Lz1F3z: action=reject, reason=virus, direction=inbound, virus=Eicar, score=-, from=<a@b>,
     rcpts=2, size=1234, ms=85, client=192.0.2.1"."""
     from .policy import fmt_score
@@ -82,6 +82,8 @@ def summary(queue_id: str, action: str, outcome, verdict, sender: str, recipient
              f"score={fmt_score(verdict.score)}", f"from=<{escape(sender)}>", f"rcpts={recipients}"]
     if outcome.remove:
         parts.append(f"removed={len(outcome.remove)}")
+    if quarantine_id:
+        parts.append(f"quarantine={quarantine_id}")
     parts += [f"size={size}", f"ms={ms:.0f}"]
     if client:
         parts.append(f"client={escape(client)}")

@@ -189,11 +189,12 @@ def _check_rules(policy: Policy, data: dict, where) -> list[str]:
         uses_quarantine = s["virus_action"] == "quarantine" or not math.isinf(s["quarantine_level"])
         if uses_quarantine and not policy.quarantine_available:
             key = "virus_action" if s["virus_action"] == "quarantine" else "quarantine_level"
-            raise ConfigError(f"{where(path, key)}: {key} in {name} needs the quarantine store, "
-                              "which is not available in this version")
+            raise ConfigError(f"{where(path, key)}: {key} in {name} needs the quarantine store: "
+                              "set quarantine_directory")
     for pattern, action in policy.virus_classes:
         if action == "quarantine" and not policy.quarantine_available:
-            raise ConfigError(f"{where(('virus_classes',), pattern)}: quarantine is not available in this version")
+            raise ConfigError(f"{where(('virus_classes',), pattern)}: quarantine needs the quarantine store: "
+                              "set quarantine_directory")
     for kind in ("senders", "clients", "recipients"):
         allow, block = getattr(policy, f"allow_{kind}"), getattr(policy, f"block_{kind}")
         for entry in sorted(set(map(str, allow)) & set(map(str, block))):

@@ -1,0 +1,279 @@
+"""`scanmilter quarantine ...`: review held mail the way `mailq`, `postqueue` and `postsuper` review
+the Postfix queue. Exit codes: 0 done, 1 not found, 2 usage, 3 release failed."""
+from __future__ import annotations
+
+import argparse
+import email
+import email.header
+import email.policy
+import getpass
+import json
+import os
+import re
+import sys
+import time
+
+from . import config, quarantine
+from .logs import escape
+
+EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_RELEASE_FAILED = 0, 1, 2, 3
+DEFAULT_CONFIG = "/etc/scanmilter/scanmilter.toml"
+PREVIEW_LINES = 20          # lines of body text `show` prints
+SHOWN_HEADERS = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To")
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class UsageError(Exception):
+    pass
+
+
+def duration(text: str) -> float:
+    """"30d", "12h", "90m", "2w" -> seconds."""
+    m = _DURATION.fullmatch(text.strip())
+    if not m:
+        raise UsageError(f"{text!r} is not a duration such as 30d, 12h, 90m or 2w")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def moment(text: str) -> float:
+    """"2026-11-25" or "2026-11-25T14:00" (local time) -> a timestamp."""
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M" if "T" in text else "%Y-%m-%d"))
+    except ValueError:
+        raise UsageError(f"{text!r} is not a date such as 2026-11-25 or 2026-11-25T14:00") from None
+
+
+def _open(args) -> tuple[quarantine.Store, config.Values]:
+    path = args.config or os.environ.get("SCANMILTER_CONFIG") or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG)
+                                                                  else None)
+    cfg = config.load(path)
+    if not cfg.quarantine_directory:
+        raise config.ConfigError(f"{cfg.source}: quarantine_directory is not set; there is no quarantine")
+    return quarantine.Store(cfg.quarantine_directory), cfg
+
+
+def _ago(t: float) -> str:
+    s = max(time.time() - t, 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+def _verdict(meta: dict) -> str:
+    if meta.get("viruses"):
+        return ",".join(meta["viruses"])
+    return "-" if meta.get("score") is None else f"{meta['score']:.1f}"
+
+
+def _filters(args) -> dict:
+    return {"reason": args.reason or "", "sender": args.sender or "", "recipient": args.recipient or "",
+            "since": time.time() - duration(args.since) if args.since else None,
+            "before": moment(args.before) if args.before else None}
+
+
+def cmd_list(store, cfg, args) -> int:
+    entries = store.select(**_filters(args))
+    if args.json:
+        for e in entries:
+            print(json.dumps(e.meta, sort_keys=True))
+        return EXIT_OK
+    if not entries:
+        print("Quarantine is empty" if not any(vars(args).get(k) for k in ("reason", "sender", "recipient", "since",
+                                                                              "before")) else "No entries match")
+        return EXIT_OK
+    print(f"{'-Quarantine ID-':<25} {'--Size--':>8} {'----Held----------':<19} {'-Reason-':<10} "
+          f"{'-Score/Virus-':<18} -Sender/Recipient-")
+    total = 0
+    for e in entries:
+        m = e.meta
+        total += m.get("size", 0)
+        held = time.strftime("%a %b %d %H:%M", time.localtime(m["time"]))
+        released = " (released)" if m.get("released") else ""
+        print(f"{e.id:<25} {m.get('size', 0):>8} {held:<19} {m.get('reason', ''):<10} "
+              f"{escape(_verdict(m), 18):<18} {escape(m.get('sender') or '<>')}{released}")
+        for r in m.get("recipients", []):
+            print(f"{'':<85}{escape(r)}")
+    print(f"-- {total / 1024:.0f} Kbytes in {len(entries)} {'entry' if len(entries) == 1 else 'entries'}.")
+    return EXIT_OK
+
+
+def _decoded(value: str) -> str:
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except (ValueError, LookupError, email.errors.HeaderParseError):
+        return value
+
+
+def _safe_lines(text: str, limit: int) -> list[str]:
+    """Lines safe for a terminal: no escape sequences or other control characters."""
+    out = []
+    for line in text.splitlines()[:limit]:
+        out.append(re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", "?", line.expandtabs(4))[:200])
+    return out
+
+
+def cmd_show(store, cfg, args) -> int:
+    entry = store.get(args.id)
+    data = store.message(args.id)
+    if args.raw:
+        sys.stdout.buffer.write(data)
+        return EXIT_OK
+    if args.json:
+        print(json.dumps(entry.meta, sort_keys=True, indent=1))
+        return EXIT_OK
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    if args.headers:
+        for name, value in msg.items():
+            print(escape(f"{name}: {_decoded(str(value))}", 2000))
+        return EXIT_OK
+    m = entry.meta
+    rows = [("id", entry.id), ("held", f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(m['time']))} "
+                                      f"({_ago(m['time'])})"),
+            ("queue id", m.get("queue_id") or "-"), ("from", f"<{m.get('sender', '')}>"),
+            ("to", ", ".join(f"<{r}>" for r in m.get("recipients", []))),
+            ("client", f"{m.get('client_name') or 'unknown'} [{m.get('client_address') or '?'}]"
+                       + (f", SASL user {m['auth_user']}" if m.get("auth_user") else "")),
+            ("direction", m.get("direction", "")), ("reason", m.get("reason", "")), ("why", m.get("rule", "")),
+            ("spam score", "-" if m.get("score") is None else f"{m['score']:.1f}"),
+            ("rules hit", ", ".join(m.get("rules", [])) or "-"), ("viruses", ", ".join(m.get("viruses", [])) or "-"),
+            ("size", f"{m.get('size', 0)} bytes")]
+    for rel in m.get("released", []):
+        rows.append(("released", f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rel['at']))} by "
+                                 f"{rel.get('by')} to {', '.join(rel.get('to', []))}"))
+    for key, value in rows:
+        print(f"{key + ':':<12} {escape(str(value), 1000)}")
+    print("--- headers")
+    for name in SHOWN_HEADERS:
+        for value in msg.get_all(name, []):
+            print(escape(f"{name}: {_decoded(str(value))}", 500))
+    print(f"--- body (first {PREVIEW_LINES} lines of text)")
+    for line in _safe_lines(_body_text(data), PREVIEW_LINES):
+        print(line)
+    return EXIT_OK
+
+
+def _body_text(data: bytes) -> str:
+    try:
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        part = msg.get_body(preferencelist=("plain", "html"))
+        if part is not None:
+            return part.get_content()
+    except Exception:     # a hostile or broken message: fall back to the raw body
+        pass
+    return data.partition(b"\r\n\r\n")[2].decode("utf-8", "replace")
+
+
+def cmd_release(store, cfg, args) -> int:
+    kind, address = config.parse_client_socket(cfg.quarantine_release_address)
+    if kind != "inet":
+        raise UsageError("quarantine_release_address must be inet:HOST:PORT")
+    try:
+        sent = quarantine.release(store, args.id, address, args.by, args.to or None, args.force,
+                                  cfg.quarantine_release_timeout)
+    except quarantine.ReleaseError as e:
+        print(f"scanmilter: release {args.id}: {e}", file=sys.stderr)
+        return EXIT_RELEASE_FAILED
+    print(f"{args.id}: released to {', '.join(sent)}")
+    return EXIT_OK
+
+
+def cmd_delete(store, cfg, args) -> int:
+    if args.all == bool(args.ids):
+        raise UsageError("give entry ids, or --all with optional filters")
+    ids = [e.id for e in store.select(**_filters(args))] if args.all else args.ids
+    missing = 0
+    for n, entry_id in enumerate(ids, 1):
+        try:
+            store.delete(entry_id)
+        except quarantine.NotFound as e:
+            print(f"scanmilter: {e}", file=sys.stderr)
+            missing += 1
+        if len(ids) >= 100 and n % 100 == 0:
+            print(f"... {n} of {len(ids)}", file=sys.stderr)
+    print(f"deleted {len(ids) - missing} {'entry' if len(ids) - missing == 1 else 'entries'}")
+    return EXIT_NOT_FOUND if missing else EXIT_OK
+
+
+def cmd_purge(store, cfg, args) -> int:
+    age = duration(args.older_than) if args.older_than else cfg.quarantine_max_age
+    old = quarantine.purge(store, age, args.dry_run)
+    size = sum(e.meta.get("size", 0) for e in old)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {len(old)} {'entry' if len(old) == 1 else 'entries'} ({size} bytes) older than {age:.0f}s")
+    return EXIT_OK
+
+
+def cmd_reindex(store, cfg, args) -> int:
+    removed = store.recover()
+    print(f"indexed {store.reindex()} entries" + (f"; removed {removed} left-over file(s)" if removed else ""))
+    return EXIT_OK
+
+
+def cmd_stats(store, cfg, args) -> int:
+    s = store.stats()
+    if args.json:
+        print(json.dumps(s, sort_keys=True))
+        return EXIT_OK
+    for reason, v in sorted(s["by_reason"].items()):
+        print(f"{reason:<12} {v['entries']:>6} entries {v['bytes']:>12} bytes")
+    total = sum(v["entries"] for v in s["by_reason"].values())
+    print(f"{'total':<12} {total:>6} entries" + (f"; oldest held {_ago(s['oldest'])}" if s["oldest"] else ""))
+    return EXIT_OK
+
+
+def add_parser(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help=f"configuration file (default $SCANMILTER_CONFIG or {DEFAULT_CONFIG})")
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("--reason", help="virus, spam, ...")
+    filters.add_argument("--from", dest="sender", help="sender contains this")
+    filters.add_argument("--to", dest="recipient", help="a recipient contains this")
+    filters.add_argument("--since", help="held within this long, e.g. 2d")
+    filters.add_argument("--before", help="held before this date, e.g. 2026-11-01")
+
+    q = sub.add_parser("quarantine", help="review held mail: list, show, release, delete, purge")
+    qs = q.add_subparsers(dest="action", required=True)
+    p = qs.add_parser("list", parents=[common, filters], help="held mail, newest first (like mailq)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(run=cmd_list)
+    p = qs.add_parser("show", parents=[common], help="one entry: why it was held, headers, body preview")
+    p.add_argument("id")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--headers", action="store_true", help="all headers")
+    g.add_argument("--raw", action="store_true", help="the message exactly as received")
+    g.add_argument("--json", action="store_true", help="the metadata as JSON")
+    p.set_defaults(run=cmd_show)
+    p = qs.add_parser("release", parents=[common], help="deliver an entry to its recipients (or some)")
+    p.add_argument("id")
+    p.add_argument("--to", action="append", default=[], help="only this recipient (repeatable)")
+    p.add_argument("--force", action="store_true", help="deliver again even if already released")
+    p.add_argument("--by", default=getpass.getuser(), help="who releases (default: your login)")
+    p.set_defaults(run=cmd_release)
+    p = qs.add_parser("delete", parents=[common, filters], help="delete entries by id, or --all matching filters")
+    p.add_argument("ids", nargs="*")
+    p.add_argument("--all", action="store_true")
+    p.set_defaults(run=cmd_delete)
+    p = qs.add_parser("purge", parents=[common], help="delete entries older than an age")
+    p.add_argument("--older-than", help="e.g. 30d (default: quarantine_max_age)")
+    p.add_argument("--dry-run", action="store_true", help="only count")
+    p.set_defaults(run=cmd_purge)
+    p = qs.add_parser("reindex", parents=[common], help="rebuild the index from the entry files")
+    p.set_defaults(run=cmd_reindex)
+    p = qs.add_parser("stats", parents=[common], help="entries and bytes by reason, oldest entry")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_stats)
+    q.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        store, cfg = _open(args)
+        return args.run(store, cfg, args)
+    except quarantine.NotFound as e:
+        print(f"scanmilter: {e}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except (UsageError, config.ConfigError, quarantine.StoreError) as e:
+        print(f"scanmilter: {e}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,140 @@
+"""End to end: held mail through real Postfix, reviewed and released with the quarantine CLI."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+import stack as stacklib
+from conftest import ROOT
+from test_e2e import OUTSIDE, body_of, delivered_with, header_lines, make, not_delivered
+
+pytestmark = pytest.mark.integration
+
+POLICY = """
+[inbound]
+quarantine_level = 6.0
+[inbound.recipients."spamlover@example.com"]
+quarantine_level = inf
+reject_level = 1000.0
+"""
+
+
+@pytest.fixture(scope="module")
+def stack():
+    root = tempfile.mkdtemp(prefix="scanmilter-e2e-q-")
+    s = stacklib.Stack(root, smtp_port=stacklib.free_port(), policy_text=POLICY,
+                       scanmilter_settings={"quarantine_directory": f"{root}/quarantine"})
+    s.start()
+    yield s
+    s.stop()
+
+
+def cli(stack, *args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "milter"))
+    return subprocess.run([sys.executable, "-m", "scanmilter", "quarantine", *args, "-c", str(stack.milter_config)],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def entries(stack, *filters):
+    r = cli(stack, "list", "--json", *filters)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def hold(stack, marker, rcpts=("bob@example.com",)):
+    data = make(f"scanmilter-tag-test {marker}", body=f"Hello,\nplease hold {marker}.\n\x1b[31mred\x1b[0m\n")
+    r = stack.send(data, "alice@outside.test", list(rcpts), xclient_addr=OUTSIDE)
+    return data, r
+
+
+def test_held_message_is_listed_shown_released_once_and_deleted(stack):
+    marker = uuid.uuid4().hex
+    data, r = hold(stack, marker)
+    assert r["code"] == 250, r                                   # quarantine_action = discard
+    time.sleep(0.5)
+    assert not_delivered(stack, marker)
+    [entry] = [e for e in entries(stack, "--from", "alice@") if marker in e["subject"]]
+    assert entry["reason"] == "spam" and entry["recipients"] == ["bob@example.com"] and entry["score"] == 8.0
+    assert "SCANMILTER_TAG_TEST" in entry["rules"] and entry["direction"] == "inbound"
+
+    table = cli(stack, "list").stdout
+    assert entry["id"] in table and "spam" in table and "8.0" in table and "Kbytes in" in table
+    show = cli(stack, "show", entry["id"])
+    assert show.returncode == 0
+    assert "quarantine_level = 6.0 from [inbound]" in show.stdout
+    assert f"Subject: scanmilter-tag-test {marker}" in show.stdout
+    assert f"please hold {marker}." in show.stdout and "\x1b" not in show.stdout   # no escapes reach the terminal
+    raw = cli(stack, "show", entry["id"], "--raw").stdout
+    assert marker in raw and "X-Virus-Status" not in raw                          # as received
+
+    rel = cli(stack, "release", entry["id"], "--by", "postmaster")
+    assert rel.returncode == 0, rel.stderr
+    d = delivered_with(stack, marker)
+    assert d.recipients == ["bob@example.com"]
+    assert header_lines(d.data, "X-Quarantine-Released")[0].startswith(
+        f"X-Quarantine-Released: id={entry['id']}, by=postmaster, at=")
+    assert header_lines(d.data, "Subject") == [f"Subject: scanmilter-tag-test {marker}"]
+    assert body_of(d.data) == body_of(data)                                       # byte for byte
+
+    again = cli(stack, "release", entry["id"])
+    assert again.returncode == 3 and "already released" in again.stderr
+    time.sleep(0.5)
+    assert len([x for x in stack.delivered() if marker.encode() in x.data]) == 1
+
+    assert cli(stack, "delete", entry["id"]).returncode == 0
+    assert cli(stack, "show", entry["id"]).returncode == 1
+    assert entry["id"] not in cli(stack, "list").stdout
+
+
+def test_mixed_recipients_are_split_and_the_held_copy_kept(stack):
+    marker = uuid.uuid4().hex
+    _, r = hold(stack, marker, rcpts=("spamlover@example.com", "bob@example.com"))
+    assert r["code"] == 250, r
+    d = delivered_with(stack, marker)
+    assert d.recipients == ["spamlover@example.com"]
+    held = [e for e in entries(stack, "--to", "bob@") if e["all_recipients"] == ["spamlover@example.com", "bob@example.com"]]
+    assert held and held[0]["recipients"] == ["bob@example.com"]
+
+
+def test_bad_ids_are_refused(stack):
+    for bad in ("../../etc/passwd", "0" * 23, "A" * 24, ""):
+        r = cli(stack, "show", bad)
+        assert r.returncode in (1, 2) and "Traceback" not in r.stderr
+    assert cli(stack, "show", "0" * 24).returncode == 1
+
+
+def test_purge_counts_and_deletes(stack):
+    marker = uuid.uuid4().hex
+    assert hold(stack, marker)[1]["code"] == 250
+    assert entries(stack)
+    dry = cli(stack, "purge", "--older-than", "0s", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.startswith("would delete ")
+    assert entries(stack)
+    done = cli(stack, "purge", "--older-than", "0s")
+    assert done.returncode == 0 and done.stdout.startswith("deleted ")
+    assert entries(stack) == []
+    assert cli(stack, "stats").stdout.startswith("total")
+
+
+def test_store_failure_tempfails_and_nothing_is_lost(stack):
+    marker = uuid.uuid4().hex
+    entries_dir = stack.root / "quarantine" / "entries"
+    moved = entries_dir.with_name("entries.away")
+    entries_dir.rename(moved)
+    entries_dir.write_text("not a directory")       # the store cannot write: like a broken disk
+    try:
+        data, r = hold(stack, marker)
+        assert r["code"] == 451 and "4.7.1" in r["reply"], r
+        assert "quarantine store failed" in stack.logs["scanmilter"].read_text()
+    finally:
+        entries_dir.unlink()
+        moved.rename(entries_dir)
+    r = stack.send(data, "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)   # the retry
+    assert r["code"] == 250
+    assert any(e["reason"] == "spam" for e in entries(stack))
+    assert not_delivered(stack, marker)
