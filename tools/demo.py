@@ -35,7 +35,7 @@ def main() -> int:
     root = Path(args.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o755)     # postfix and debian-spamd must be able to enter it
-    st = stacklib.Stack(root, smtp_port=args.smtp_port)
+    st = stacklib.Stack(root, smtp_port=args.smtp_port, scanmilter_settings={"metrics_address": "127.0.0.1:9925"})
     print(f"starting Postfix, scanmilter, clamd and spamd under {root} ...", flush=True)
     st.start()
     print(f"up in {st.startup_seconds:.1f} s: Postfix on 127.0.0.1:{args.smtp_port} -> scanmilter "
@@ -61,8 +61,10 @@ def main() -> int:
     for line in st.logs["scanmilter"].read_text().splitlines():
         if "action=" in line:
             print(f"    {line}")
-    print("\nThe stack keeps running: try  swaks --server 127.0.0.1:%d --to bob@example.com\n"
-          "Stop it with  make demo-stop" % args.smtp_port)
+    print(f"\nThe stack keeps running: try  swaks --server 127.0.0.1:{args.smtp_port} --to bob@example.com\n"
+          f"Metrics:     curl -s http://127.0.0.1:9925/metrics | grep ^scanmilter_messages\n"
+          f"Self test:   .venv/bin/scanmilter selftest -c {st.milter_config.relative_to(root.parent)}\n"
+          f"Stop it with  make demo-stop")
     return 0
 
 

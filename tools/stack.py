@@ -25,14 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = ("clamd", "spamd", "sink", "scanmilter", "postfix")  # start order
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL (libmilter notices shutdown every 5 s)
-# The EICAR test string, base64 of its reversed bytes, so that no antivirus flags this file.
-_EICAR_REVERSED_B64 = ("KkgrSCQhRUxJRi1UU0VULVNVUklWSVROQS1EUkFETkFUUy1SQUNJRSR9NylDQzcpXlAoNDVYWlBc"
-                       "NFtQQUAlUCFPNVg=")
-
-
-def eicar() -> bytes:
-    """The 68-byte EICAR anti-virus test string, built at run time."""
-    return base64.b64decode(_EICAR_REVERSED_B64)[::-1]
+sys.path.insert(0, str(REPO / "milter"))
+from scanmilter.selftest import eicar  # noqa: E402  (one place builds the EICAR string at run time)
 
 
 def free_port() -> int:
@@ -154,6 +148,7 @@ class Stack:
         self.sink_port, self.spamd_port, self.clamd_port = free_port(), free_port(), free_port()
         # quarantine releases re-inject here: an smtpd without milters, as the README documents
         self.release_port = free_port()
+        self.metrics_port = free_port()
         r = self.root
         self.run_dir, self.delivered_dir = r / "run", r / "delivered"
         self.clamd_socket = r / "clamd" / "clamd.sock"
@@ -226,7 +221,8 @@ score    SCANMILTER_TAG_TEST 8.0
         settings = {"milter_socket": self.milter_address, "milter_socket_mode": "0666",
                     "clamd_socket": f"unix:{self.clamd_socket}",
                     "spamd_socket": f"inet:127.0.0.1:{self.spamd_port}",
-                    "quarantine_release_address": f"inet:127.0.0.1:{self.release_port}"}
+                    "quarantine_release_address": f"inet:127.0.0.1:{self.release_port}",
+                    "metrics_address": f"127.0.0.1:{self.metrics_port}"}
         if self.policy_text is not None:
             policy = r / "scanmilter/policy.toml"
             policy.write_text(self.policy_text)
@@ -499,8 +495,11 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
 
     def delivered(self):
         """Completely received messages in the sink, oldest first."""
+        # list first, then ask which are still open: a dump created after the question would
+        # otherwise pass as complete while the sink is still writing it
+        paths = list(self.delivered_dir.glob("*.*"))
         busy = self._open_dumps()
-        paths = [p for p in self.delivered_dir.glob("*.*") if str(p) not in busy]
+        paths = [p for p in paths if str(p) not in busy]
         paths.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
         return [_parse_dump(p) for p in paths]
 

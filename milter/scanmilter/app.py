@@ -15,6 +15,8 @@ import time
 
 from . import __version__, config, logs, policyfile, quarantine
 from .logs import log
+from .health import Health
+from .metrics import Metrics
 from .pipeline import Pipeline, scan_pool
 from .scanners.clamd import ClamdScanner
 from .scanners.spamd import SpamdScanner
@@ -24,7 +26,7 @@ MAIN_LOOP_WAKEUP = 1.0    # seconds: the main thread also wakes this often to no
 
 # Settings read once at start-up: a reload that changes them says they need a restart.
 RESTART_SETTINGS = ("milter_socket", "milter_socket_mode", "milter_timeout", "scan_threads",
-                    "log_target", "syslog_socket")
+                    "log_target", "syslog_socket", "metrics_address")
 
 
 def check_milter_extension() -> None:
@@ -101,13 +103,25 @@ def serve(config_path: str | None) -> int:
 
     import Milter   # only now: check_milter_extension() has vouched for the extension
     import milter
+    import prometheus_client
     from .handler import Handler, Runtime
+
+    # The default registry also carries the process collector (RSS, CPU seconds, open fds).
+    metrics = Metrics(prometheus_client.REGISTRY)
+    if cfg.metrics_address:
+        try:
+            metrics.serve(cfg.metrics_address)
+        except (OSError, ValueError) as e:
+            log.critical("metrics_address %s: %s", cfg.metrics_address, e)
+            return _exit(1)
+    health = Health(metrics, cfg.engine_failure_threshold, cfg.engine_retry_interval)
 
     if store is not None:
         removed = store.recover(min_age=0)    # no writer of ours is running yet
         if removed:
             log.warning("quarantine: removed %d file(s) left by an interrupted write", removed)
-    runtime = Runtime(cfg, policy, Pipeline(build_engines(cfg), scan_pool(cfg.scan_threads)), store)
+    pipeline = Pipeline(build_engines(cfg), scan_pool(cfg.scan_threads), health, metrics)
+    runtime = Runtime(cfg, policy, pipeline, store, metrics)
     Milter.factory = lambda: Handler(runtime)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT)
     # libmilter creates the socket with the process umask; this gives it milter_socket_mode.
@@ -128,6 +142,7 @@ def serve(config_path: str | None) -> int:
              ", ".join(e.name for e in runtime.pipeline.engines) or "none", policy.source)
     loop = threading.Thread(target=run_milter, name="milter", daemon=True)
     loop.start()
+    threading.Thread(target=monitor, args=(runtime,), name="monitor", daemon=True).start()
     while not signals.stop and loop.is_alive():
         signals.wake.wait(MAIN_LOOP_WAKEUP)
         signals.wake.clear()
@@ -149,6 +164,7 @@ def reload(runtime, config_path: str | None) -> bool:
         store = open_store(cfg) if cfg.quarantine_directory != runtime.cfg.quarantine_directory else runtime.store
     except config.ConfigError as e:
         log.error("reload refused, old configuration and policy stay in force: %s", e)
+        runtime.metrics.reloads.labels("failed").inc()
         return False
     for w in warnings:
         log.warning("%s", w)
@@ -156,11 +172,45 @@ def reload(runtime, config_path: str | None) -> bool:
         if getattr(cfg, name) != getattr(runtime.cfg, name):
             log.warning("reload: %s changed; it takes effect after a restart", name)
     # Plain attribute swaps: a message reads each once, so it sees the old or the new whole.
-    runtime.pipeline = Pipeline(build_engines(cfg), runtime.pipeline.pool)
+    old = runtime.pipeline
+    old.health.failure_threshold, old.health.retry_interval = cfg.engine_failure_threshold, cfg.engine_retry_interval
+    runtime.pipeline = Pipeline(build_engines(cfg), old.pool, old.health, old.metrics)
     runtime.cfg, runtime.policy, runtime.store = cfg, policy, store
     logging.getLogger("scanmilter").setLevel(cfg.log_level.upper())
+    runtime.metrics.reloads.labels("ok").inc()
     log.info("reloaded configuration %s and policy %s", config_path or "(defaults)", policy.source)
     return True
+
+
+def monitor(runtime) -> None:
+    """Between messages: ping the engines, read clamd's database version, size up the quarantine."""
+    while True:
+        try:
+            check(runtime)
+        except Exception:   # monitoring must never take the daemon down
+            log.exception("periodic check failed")
+        time.sleep(runtime.cfg.engine_check_interval)
+
+
+def check(runtime) -> None:
+    pipeline, m = runtime.pipeline, runtime.metrics
+    for engine in pipeline.engines:
+        problem = engine.ping()
+        pipeline.health.mark(engine.name, not problem, problem)
+        if engine.name == "clamd" and not problem:
+            version = engine.version()
+            if version:
+                m.clamav_db_version.set(version[0])
+                m.clamav_db_time.set(version[1])
+    if runtime.store is not None:
+        stats = runtime.store.stats()
+        m.quarantine_entries.clear()
+        m.quarantine_bytes.clear()
+        for reason, v in stats["by_reason"].items():
+            m.quarantine_entries.labels(reason).set(v["entries"])
+            m.quarantine_bytes.labels(reason).set(v["bytes"])
+        m.quarantine_oldest.set(time.time() - stats["oldest"] if stats["oldest"] else 0)
+        m.quarantine_released.set(stats["released"])
 
 
 def drain(runtime, timeout: float) -> int:

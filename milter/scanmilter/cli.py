@@ -1,4 +1,4 @@
-"""Command line: scanmilter serve | check-config | explain. Never imports Milter itself."""
+"""Command line: scanmilter serve | check-config | explain | quarantine | selftest. Never imports Milter."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +63,15 @@ def _serve(args) -> int:
     return serve(args.config)
 
 
+def _selftest(args) -> int:
+    from .selftest import run
+    try:
+        address = args.socket or config.load(args.config).milter_socket
+    except config.ConfigError as e:
+        return _fatal(e)
+    return run(address, args.timeout)
+
+
 def _explain(args) -> int:
     from .app import build_engines
     from .explain import explain
@@ -110,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_explain)
 
     quarantine_cli.add_parser(sub)
+
+    p = sub.add_parser("selftest", help="send a clean message, GTUBE and EICAR to a running scanmilter")
+    p.add_argument("-c", "--config", help="configuration file (its milter_socket is used)")
+    p.add_argument("--socket", help="milter address instead, e.g. unix:/run/scanmilter/scanmilter.sock")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per case (default 60)")
+    p.set_defaults(func=_selftest)
 
     args = parser.parse_args(argv)
     if args.command == "explain" and not args.rcpt:

@@ -16,6 +16,7 @@ from . import headers as H
 from . import policy as P
 from .logs import escape, log, summary
 from .message import Connection, Message, Spool
+from .metrics import Metrics
 
 INTERNAL_ERROR_REPLY = ("451", "4.7.1", "Internal error in the content filter, please try again later")
 _MILTER_ACTION = {P.ACCEPT: Milter.ACCEPT, P.REJECT: Milter.REJECT,
@@ -26,19 +27,22 @@ STORE_FAILED_REPLY = ("451", "4.7.1", "Message cannot be held for review now, pl
 class Runtime:
     """What every connection shares: settings, policy, the pipeline, in-flight counts."""
 
-    def __init__(self, cfg, policy, pipeline, store=None):
+    def __init__(self, cfg, policy, pipeline, store=None, metrics=None):
         # Replaced whole on reload; a transaction keeps the policy it started with.
         self.cfg, self.policy, self.pipeline, self.store = cfg, policy, pipeline, store
+        self.metrics = metrics if metrics is not None else Metrics()
         self._lock = threading.Lock()
         self.in_flight = 0
 
     def begin(self) -> None:
         with self._lock:
             self.in_flight += 1
+        self.metrics.messages_in_flight.inc()
 
     def end(self) -> None:
         with self._lock:
             self.in_flight -= 1
+        self.metrics.messages_in_flight.dec()
 
 
 def guarded(func):
@@ -52,6 +56,7 @@ def guarded(func):
         except Exception:
             qid = self.msg.queue_id if self.msg and self.msg.queue_id else "NOQUEUE"
             log.exception("%s: error in %s callback", qid, func.__name__)
+            self.rt.metrics.callback_exceptions.labels(func.__name__).inc()
             self.failed = True
             if not replies:
                 return Milter.CONTINUE
@@ -71,12 +76,16 @@ class Handler(Milter.Base):
         self.conn = Connection()
         self.msg: Message | None = None
         self.failed = False
+        self.counted = False        # this session is in connections_in_flight
 
     @Milter.noreply
     @guarded
     def connect(self, hostname, family, hostaddr):
         address = hostaddr[0] if isinstance(hostaddr, tuple) and hostaddr else ""
         self.conn = Connection(address, hostname or "", self.getsymval("{daemon_name}") or "")
+        if not self.counted:
+            self.counted = True
+            self.rt.metrics.connections_in_flight.inc()
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -128,6 +137,7 @@ class Handler(Milter.Base):
                       self.getsymval("i") or "NOQUEUE")
             self._end_message()
             return Milter.TEMPFAIL
+        eom_started = time.monotonic()
         msg.queue_id = qid = self.getsymval("i") or ""
         conn = self.conn
         envelope = P.Envelope(conn.client_address, msg.auth_user, conn.daemon_name, msg.sender,
@@ -152,10 +162,25 @@ class Handler(Milter.Base):
         for engine, detail in verdict.failed:
             log.warning("%s: %s scan failed: %s", qid or "NOQUEUE", engine, escape(detail))
         logged = P.QUARANTINE if held and outcome.action == P.QUARANTINE else action
+        self._count(msg, outcome, verdict, logged, held, time.monotonic() - eom_started)
         log.info("%s", summary(qid, logged, outcome, verdict, msg.sender, len(msg.recipients), msg.size,
                                (time.monotonic() - msg.started) * 1000, conn.client_address, held))
         self._end_message()
         return _MILTER_ACTION[action]
+
+    def _count(self, msg: Message, outcome: P.Outcome, verdict, action: str, held: str, seconds: float) -> None:
+        m = self.rt.metrics
+        m.messages.labels(outcome.direction, action).inc()
+        m.reasons.labels(outcome.reason).inc()
+        for d in outcome.recipients:
+            if action == P.ACCEPT and d.recipient in outcome.remove:
+                m.recipients.labels(P.QUARANTINE if held and d.recipient in outcome.quarantine else d.action).inc()
+            else:
+                m.recipients.labels(action).inc()
+        if verdict.score is not None:
+            m.spam_score.labels(outcome.direction).observe(verdict.score)
+        m.message_size.observe(msg.size)
+        m.decision_seconds.observe(seconds)
 
     def _hold(self, msg: Message, outcome: P.Outcome, verdict) -> str:
         """Write the message to the quarantine before answering Postfix; the entry id, or ""."""
@@ -179,7 +204,9 @@ class Handler(Milter.Base):
                 entry = store.put(reader, meta)
         except Exception as e:     # StoreError, or anything else: never answer before the copy is safe
             log.error("%s: quarantine store failed: %s: tempfail", qid, escape(str(e)))
+            self.rt.metrics.quarantine_failures.inc()
             return ""
+        self.rt.metrics.quarantine_stored.labels(lead.reason).inc()
         log.info("%s: quarantined as %s for %s", qid, entry, ", ".join(f"<{escape(r)}>" for r in outcome.quarantine))
         return entry
 
@@ -201,6 +228,9 @@ class Handler(Milter.Base):
     @guarded
     def close(self):
         self._end_message()
+        if self.counted:
+            self.counted = False
+            self.rt.metrics.connections_in_flight.dec()
         return Milter.CONTINUE
 
     def _end_message(self) -> None:

@@ -271,8 +271,9 @@ class Store:
         self._ensure_index()
         rows = self._db().execute("SELECT reason, count(*), sum(size), min(time) FROM entries GROUP BY reason")
         by_reason = {r[0]: {"entries": r[1], "bytes": r[2] or 0} for r in rows}
-        oldest = self._db().execute("SELECT min(time) FROM entries").fetchone()[0]
-        return {"by_reason": by_reason, "oldest": oldest}
+        oldest, released = self._db().execute(
+            "SELECT min(time), count(released_at) FROM entries").fetchone()
+        return {"by_reason": by_reason, "oldest": oldest, "released": released}
 
 
 class ReleaseError(Exception):

@@ -14,6 +14,7 @@ CLEAN, FOUND, ERROR, SKIPPED = "clean", "found", "error", "skipped"
 
 # Error kinds: a small closed set, so they can label metrics and log lines.
 TIMEOUT, REFUSED, PROTOCOL = "timeout", "refused", "protocol"
+CIRCUIT = "circuit"      # not tried: the engine's circuit breaker is open
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,14 @@ package's connection classes and reply grammar and tightens those three points.
 from __future__ import annotations
 
 import struct
+import time
 
 import clamd as clamd_client
 
 from . import CLEAN, FOUND, PROTOCOL, SKIPPED, Deadline, EngineError, ScanResult, connect, run
 
 CHUNK = 64 * 1024   # INSTREAM chunk; clamd accepts chunks up to its StreamMaxLength
+CHECK_TIMEOUT = 5.0  # seconds for PING and VERSION
 
 
 class _Client(clamd_client.ClamdNetworkSocket):
@@ -28,6 +30,16 @@ class _Client(clamd_client.ClamdNetworkSocket):
     def _send(self, data: bytes) -> None:
         self.clamd_socket.settimeout(self.deadline.left())
         self.clamd_socket.sendall(data)
+
+    def command(self, name: str) -> str:
+        """A one-line command (PING, VERSION) and its reply."""
+        self._init_socket()
+        try:
+            self._send(f"z{name}\0".encode())
+            self.clamd_socket.settimeout(self.deadline.left())
+            return self.clamd_socket.recv(4096).rstrip(b"\0").decode("utf-8", "replace").strip()
+        finally:
+            self._close_socket()
 
     def instream_reply(self, reader) -> str:
         self._init_socket()
@@ -65,6 +77,33 @@ class ClamdScanner:
         with spool.reader() as reader:
             reply = client.instream_reply(reader)
         return parse_reply(reply)
+
+
+    def _client(self) -> _Client:
+        return _Client(self.address, self.connect_timeout, Deadline(min(self.timeout, CHECK_TIMEOUT)))
+
+    def ping(self) -> str:
+        """"" when clamd answers PONG, else what went wrong."""
+        try:
+            reply = self._client().command("PING")
+        except (EngineError, OSError) as e:
+            return str(e) or type(e).__name__
+        return "" if reply == "PONG" else f"unexpected reply {reply[:80]!r}"
+
+    def version(self) -> tuple[int, float] | None:
+        """(database version, database build time) from "ClamAV 1.4.6/27000/Tue Nov 24 09:30:00 2026"."""
+        try:
+            reply = self._client().command("VERSION")
+        except (EngineError, OSError):
+            return None
+        parts = reply.split("/")
+        if len(parts) < 3 or not parts[1].isdigit():
+            return None
+        try:
+            built = time.mktime(time.strptime(parts[2].strip(), "%a %b %d %H:%M:%S %Y"))
+        except ValueError:
+            built = float("nan")
+        return int(parts[1]), built
 
 
 def parse_reply(reply: str) -> ScanResult:

@@ -12,6 +12,7 @@ import socket
 from . import CLEAN, FOUND, PROTOCOL, SKIPPED, Deadline, EngineError, ScanResult, connect, run
 
 CHUNK = 64 * 1024
+CHECK_TIMEOUT = 5.0          # seconds for PING
 REPLY_LIMIT = 256 * 1024     # a SYMBOLS reply is a line of rule names; more than this is garbage
 
 _STATUS = re.compile(rb"SPAMD/\d+\.\d+ +(\d+) +([^\r\n]*)")
@@ -59,6 +60,22 @@ class SpamdScanner:
         finally:
             sock.close()
         return parse_reply(reply)
+
+
+    def ping(self) -> str:
+        """"" when spamd answers PONG, else what went wrong."""
+        try:
+            deadline = Deadline(min(self.timeout, CHECK_TIMEOUT))
+            sock = connect(self.address, self.connect_timeout, deadline)
+            try:
+                sock.settimeout(deadline.left())
+                sock.sendall(b"PING SPAMC/1.5\r\n\r\n")
+                reply = sock.recv(1024)
+            finally:
+                sock.close()
+        except (EngineError, OSError) as e:
+            return str(e) or type(e).__name__
+        return "" if re.match(rb"SPAMD/\d+\.\d+ 0 PONG", reply) else f"unexpected reply {reply[:80]!r}"
 
 
 def parse_reply(reply: bytes) -> ScanResult:

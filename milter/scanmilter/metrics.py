@@ -1,0 +1,82 @@
+"""Every Prometheus metric scanmilter exports, defined here and nowhere else.
+
+Base units (seconds, bytes), `_total` counters, the `scanmilter_` prefix. Labels come only from
+small closed sets (direction, action, reason, engine, outcome, error kind, callback): never
+addresses, subjects or virus names. Pass a private registry in tests.
+"""
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from . import __version__
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+SCORE_BUCKETS = (-5, 0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100)
+SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        self.messages = Counter("scanmilter_messages_total", "Messages by direction and final action",
+                                ["direction", "action"], registry=r)
+        self.recipients = Counter("scanmilter_recipients_total", "Recipients by the action for their copy",
+                                  ["action"], registry=r)
+        self.reasons = Counter("scanmilter_decisions_total", "Messages by the reason of the decision",
+                               ["reason"], registry=r)
+        self.scan_seconds = Histogram("scanmilter_scan_duration_seconds", "Time one engine took for one message",
+                                      ["engine"], buckets=LATENCY_BUCKETS, registry=r)
+        self.decision_seconds = Histogram("scanmilter_decision_duration_seconds",
+                                          "End of message to the answer to Postfix", buckets=LATENCY_BUCKETS,
+                                          registry=r)
+        self.scans = Counter("scanmilter_scans_total", "Scan results by engine and outcome",
+                             ["engine", "outcome"], registry=r)
+        self.scan_errors = Counter("scanmilter_scan_errors_total", "Failed scans by engine and kind",
+                                   ["engine", "kind"], registry=r)
+        self.engine_up = Gauge("scanmilter_engine_up", "1 when the engine answered its latest scan or check",
+                               ["engine"], registry=r)
+        self.engine_last_success = Gauge("scanmilter_engine_last_success_timestamp_seconds",
+                                         "When the engine last answered", ["engine"], registry=r)
+        self.spam_score = Histogram("scanmilter_spam_score", "spamd scores by direction", ["direction"],
+                                    buckets=SCORE_BUCKETS, registry=r)
+        self.message_size = Histogram("scanmilter_message_size_bytes", "Sizes of messages seen",
+                                      buckets=SIZE_BUCKETS, registry=r)
+        self.connections_in_flight = Gauge("scanmilter_connections_in_flight", "Open milter sessions", registry=r)
+        self.messages_in_flight = Gauge("scanmilter_messages_in_flight", "Transactions in progress", registry=r)
+        self.callback_exceptions = Counter("scanmilter_callback_exceptions_total",
+                                           "Bugs caught at the milter callback boundary", ["callback"], registry=r)
+        self.quarantine_entries = Gauge("scanmilter_quarantine_entries", "Entries held, by reason", ["reason"],
+                                        registry=r)
+        self.quarantine_bytes = Gauge("scanmilter_quarantine_bytes", "Bytes held, by reason", ["reason"], registry=r)
+        self.quarantine_oldest = Gauge("scanmilter_quarantine_oldest_entry_age_seconds",
+                                       "Age of the oldest held entry", registry=r)
+        self.quarantine_released = Gauge("scanmilter_quarantine_released_entries",
+                                         "Held entries that were released at least once", registry=r)
+        self.quarantine_stored = Counter("scanmilter_quarantine_stored_total", "Entries written, by reason",
+                                         ["reason"], registry=r)
+        self.quarantine_failures = Counter("scanmilter_quarantine_store_failures_total",
+                                           "Writes to the quarantine that failed (the message was tempfailed)",
+                                           registry=r)
+        self.clamav_db_version = Gauge("scanmilter_clamav_database_version",
+                                       "ClamAV signature database version (clamd VERSION)", registry=r)
+        self.clamav_db_time = Gauge("scanmilter_clamav_database_timestamp_seconds",
+                                    "When the loaded ClamAV database was built", registry=r)
+        self.reloads = Counter("scanmilter_config_reloads_total", "Reloads by result", ["result"], registry=r)
+        self.breaker_open = Gauge("scanmilter_engine_circuit_open",
+                                  "1 while scans of a failing engine are skipped without trying", ["engine"],
+                                  registry=r)
+        Info("scanmilter_build", "scanmilter build information", registry=r).info(
+            {"version": __version__, "python": platform.python_version()})
+
+    def serve(self, address: str) -> None:
+        """Expose /metrics on HOST:PORT (127.0.0.1 unless the operator says otherwise)."""
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry)
+
+    def names(self) -> set[str]:
+        """Every series name this registry can export, observed yet or not (for the dashboard check)."""
+        suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
+                    "info": ("_info",)}
+        return {fam.name + suffix for fam in self.registry.collect() for suffix in suffixes.get(fam.type, ("",))}

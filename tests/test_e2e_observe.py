@@ -1,0 +1,129 @@
+"""End to end: metrics after real mail, engine health, state-change logging, selftest."""
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import stack as stacklib
+from conftest import ROOT
+from test_e2e import GTUBE, OUTSIDE, delivered_with, make
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack():
+    root = tempfile.mkdtemp(prefix="scanmilter-e2e-obs-")
+    s = stacklib.Stack(root, smtp_port=stacklib.free_port(),
+                       scanmilter_settings={"engine_check_interval": 0.5, "engine_failure_threshold": 3,
+                                            "engine_retry_interval": 1.0})
+    s.start()
+    yield s
+    s.stop()
+
+
+def scrape(stack) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10).read().decode()
+    values = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return values
+
+
+def get(values, name, **labels):
+    return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_for(predicate, timeout=10):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def send(stack, data):
+    return stack.send(data, "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)
+
+
+def test_metrics_move_by_exactly_the_expected_amounts(stack):
+    before = scrape(stack)
+    marker = uuid.uuid4().hex
+    assert send(stack, make(f"clean {marker}"))["code"] == 250
+    assert send(stack, make("gtube", body=GTUBE + "\n"))["code"] == 550
+    assert send(stack, make("eicar", body=stacklib.eicar().decode() + "\n"))["code"] == 550
+    delivered_with(stack, marker)
+    after = scrape(stack)
+
+    def delta(name, **labels):
+        return get(after, name, **labels) - get(before, name, **labels)
+    assert delta("scanmilter_messages_total", direction="inbound", action="accept") == 1
+    assert delta("scanmilter_messages_total", direction="inbound", action="reject") == 2
+    assert delta("scanmilter_recipients_total", action="reject") == 2
+    assert delta("scanmilter_decisions_total", reason="spam") == 1
+    assert delta("scanmilter_decisions_total", reason="virus") == 1
+    assert delta("scanmilter_scans_total", engine="clamd", outcome="clean") == 2
+    assert delta("scanmilter_scans_total", engine="clamd", outcome="found") == 1
+    assert delta("scanmilter_scans_total", engine="spamd", outcome="found") == 1
+    for engine in ("clamd", "spamd"):
+        assert delta("scanmilter_scan_duration_seconds_count", engine=engine) == 3
+    assert delta("scanmilter_decision_duration_seconds_count") == 3
+    assert delta("scanmilter_message_size_bytes_count") == 3
+    assert delta("scanmilter_spam_score_count", direction="inbound") == 3
+    # cumulative buckets: the clean message and EICAR score low; GTUBE (1000) lies above 100
+    assert delta("scanmilter_spam_score_bucket", direction="inbound", le="100.0") == 2
+    assert delta("scanmilter_spam_score_bucket", direction="inbound", le="+Inf") == 3
+    assert get(after, "scanmilter_engine_up", engine="clamd") == 1
+    assert get(after, "scanmilter_build_info", version=__import__("scanmilter").__version__,
+               python=__import__("platform").python_version()) == 1
+    assert get(after, "scanmilter_messages_in_flight") == 0
+
+
+def test_engine_down_flips_the_up_gauge_and_logs_once(stack):
+    stack.stop_service("clamd")
+    try:
+        assert wait_for(lambda: get(scrape(stack), "scanmilter_engine_up", engine="clamd") == 0)
+        for _ in range(4):          # failures in a row open the circuit: later ones fail at once
+            r = send(stack, make("while clamd is down"))
+            assert r["code"] == 451, r
+        values = scrape(stack)
+        assert get(values, "scanmilter_engine_circuit_open", engine="clamd") == 1
+        assert get(values, "scanmilter_scan_errors_total", engine="clamd", kind="circuit") >= 1
+    finally:
+        stack.start_service("clamd")
+    assert wait_for(lambda: get(scrape(stack), "scanmilter_engine_up", engine="clamd") == 1)
+    assert get(scrape(stack), "scanmilter_engine_circuit_open", engine="clamd") == 0
+    log = stack.logs["scanmilter"].read_text()
+    assert log.count("warning: clamd is down") == 1           # once per state change, not per message
+    assert log.count("clamd is back up") == 1
+    marker = uuid.uuid4().hex
+    assert send(stack, make(f"after recovery {marker}"))["code"] == 250
+
+
+def selftest(stack):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "milter"))
+    return subprocess.run([sys.executable, "-m", "scanmilter", "selftest", "-c", str(stack.milter_config)],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_selftest_passes_and_fails_when_clamd_is_stopped(stack):
+    ok = selftest(stack)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    lines = ok.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["PASS clean", "PASS gtube", "PASS eicar"]
+    assert "Eicar-Test-Signature" in lines[2]
+    stack.stop_service("clamd")
+    try:
+        bad = selftest(stack)
+    finally:
+        stack.start_service("clamd")
+    assert bad.returncode == 1
+    assert "FAIL clean" in bad.stdout and "FAIL eicar" in bad.stdout and "Traceback" not in bad.stderr

@@ -1,0 +1,46 @@
+"""Metric names and labels follow Prometheus conventions; the dashboard asks only for what exists."""
+import json
+import re
+
+from prometheus_client import CollectorRegistry
+
+from conftest import ROOT
+from scanmilter.metrics import Metrics
+
+ALLOWED_LABELS = {"direction", "action", "reason", "engine", "outcome", "kind", "callback", "result", "le",
+                  "version", "python"}
+PROCESS_METRICS = {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"}
+
+
+def test_names_units_and_labels():
+    m = Metrics(CollectorRegistry())
+    for fam in m.registry.collect():
+        assert fam.name.startswith("scanmilter_"), fam.name
+        if fam.type == "counter":
+            assert not fam.name.endswith("_total")       # the client appends _total to the samples
+        assert not re.search(r"_(ms|milliseconds|kb|mb)$", fam.name)
+    labelled = [m.messages.labels("inbound", "accept"), m.scans.labels("clamd", "clean"),
+                m.scan_errors.labels("spamd", "timeout"), m.recipients.labels("reject")]
+    for child in labelled:
+        child.inc()
+    for fam in m.registry.collect():
+        for sample in fam.samples:
+            assert set(sample.labels) <= ALLOWED_LABELS, (sample.name, sample.labels)
+
+
+def test_private_registries_do_not_collide():
+    Metrics(CollectorRegistry())
+    Metrics(CollectorRegistry())          # a second instance in the same process is fine
+
+
+def test_every_dashboard_query_names_exported_metrics():
+    exported = Metrics(CollectorRegistry()).names() | PROCESS_METRICS
+    dash = json.loads((ROOT / "dashboards" / "scanmilter.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    assert len(exprs) >= 15
+    used = {name for e in exprs for name in re.findall(r"\b(?:scanmilter|process)_[a-z_]+", e)}
+    assert used and used <= exported, used - exported
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("action", "latency", "failure", "quarantine", "health"):
+        assert topic in titles
