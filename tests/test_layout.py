@@ -43,3 +43,15 @@ def test_no_module_named_like_pymilter_parts():
 def test_version_is_single_sourced():
     setup = (ROOT / "setup.cfg").read_text()
     assert re.search(r"version = attr: scanmilter.__version__", setup)
+
+
+def test_pip_builds_a_wheel_with_the_package_and_its_command(tmp_path):
+    import zipfile
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    [wheel] = tmp_path.glob("scanmilter-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "scanmilter/__init__.py" in names and "scanmilter/scanners/clamd.py" in names
+    assert not [n for n in names if n.startswith("milter/")]          # never a package named milter
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
+    assert b"scanmilter = scanmilter.cli:main" in entry_points
