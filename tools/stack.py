@@ -260,6 +260,8 @@ smtpd_peername_lookup = no
 default_transport = {relay}
 relay_transport = {relay}
 smtp_dns_support_level = disabled
+# deliver long lines as they came: the tests compare bodies byte for byte
+smtp_line_length_limit = 0
 smtp_host_lookup = native
 smtputf8_enable = no
 message_size_limit = 104857600

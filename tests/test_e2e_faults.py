@@ -1,0 +1,102 @@
+"""Faults end to end through real Postfix: each engine stopped, hanging or answering garbage;
+scanmilter killed with SIGKILL mid-message. Every message is delivered, rejected or tempfailed,
+and service is normal again as soon as the fault ends."""
+import concurrent.futures
+import os
+import re
+import signal
+import tempfile
+import time
+import uuid
+
+import pytest
+
+import stack as stacklib
+from fakes import BadServer
+from test_e2e import OUTSIDE, delivered_with, make, not_delivered
+
+pytestmark = pytest.mark.integration
+
+ENGINE_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="module")
+def stack():
+    root = tempfile.mkdtemp(prefix="scanmilter-e2e-faults-")
+    s = stacklib.Stack(root, smtp_port=stacklib.free_port(),
+                       scanmilter_settings={"clamd_timeout": ENGINE_TIMEOUT, "spamd_timeout": ENGINE_TIMEOUT,
+                                            "engine_failure_threshold": 1000, "engine_check_interval": 60.0})
+    s.start()
+    yield s
+    s.stop()
+
+
+def threads(stack):
+    pid = stack._pids("scanmilter")[0][0]
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"Threads:\s+(\d+)", f.read()).group(1))
+
+
+def send(stack, marker):
+    return stack.send(make(f"fault {marker}"), "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)
+
+
+def fault(stack, engine, mode):
+    """Stop the engine and put a misbehaving server (or nothing) in its place."""
+    stack.stop_service(engine)
+    if mode == "stopped":
+        return None
+    if engine == "clamd":
+        return BadServer(mode, unix_path=stack.clamd_socket)
+    return BadServer(mode, port=stack.spamd_port)
+
+
+@pytest.mark.parametrize("engine", ["clamd", "spamd"])
+@pytest.mark.parametrize("mode", ["stopped", "hang", "garbage"])
+def test_engine_fault_tempfails_in_time_then_recovers(stack, engine, mode):
+    baseline = threads(stack)
+    bad = fault(stack, engine, mode)
+    try:
+        marker = uuid.uuid4().hex
+        start = time.monotonic()
+        r = send(stack, marker)
+        took = time.monotonic() - start
+        assert r["code"] == 451 and "4.7.1" in r["reply"], r
+        assert took < ENGINE_TIMEOUT + 3, took
+        time.sleep(0.3)
+        assert not_delivered(stack, marker)
+        kind = {"stopped": "refused", "hang": "timeout", "garbage": "protocol"}[mode]
+        assert f"{engine} scan failed: {kind}" in stack.logs["scanmilter"].read_text()
+    finally:
+        if bad:
+            bad.close()
+        stack.start_service(engine)
+    r = send(stack, marker)                          # the sender's retry, engine back
+    assert r["code"] == 250, r
+    delivered_with(stack, marker)
+    time.sleep(ENGINE_TIMEOUT + 1)                   # engine threads stuck on the fault have given up
+    assert threads(stack) <= baseline + 1, (threads(stack), baseline)
+
+
+def test_sigkill_with_messages_in_flight_loses_nothing_and_duplicates_nothing(stack):
+    """Postfix answers per milter_default_action = tempfail; the clients retry after a restart."""
+    bad = fault(stack, "spamd", "hang")              # messages wait in end-of-message scanning
+    markers = [uuid.uuid4().hex for _ in range(6)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(markers)) as pool:
+            futures = {m: pool.submit(send, stack, m) for m in markers}
+            time.sleep(1.0)                          # all are in flight now
+            [(pid, _)] = stack._pids("scanmilter")
+            os.kill(pid, signal.SIGKILL)
+            first = {m: f.result(timeout=60) for m, f in futures.items()}
+    finally:
+        bad.close()
+        stack.start_service("spamd")
+    # Postfix's milter_default_action = tempfail: not dropped, not accepted unscanned
+    assert all(r["code"] == 451 and "4.7.1 Service unavailable" in r["reply"] for r in first.values()), first
+    stack.start_service("scanmilter")                               # the supervisor starts it again
+    for m in markers:                                               # each client retries
+        assert send(stack, m)["code"] == 250
+    for m in markers:
+        delivered_with(stack, m)                                    # exactly once (checked inside)
+    assert "can't read SMFIC_BODYEOB reply packet header" in stack.postfix_log()
