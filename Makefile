@@ -4,7 +4,7 @@ VENV   := .venv
 VPY    := $(VENV)/bin/python
 DEMO   := .demo
 
-.PHONY: demo demo-stop test unit bench deps apt venv clean
+.PHONY: demo demo-stop test test-load unit bench deps apt venv clean
 
 deps: apt venv
 
@@ -30,6 +30,10 @@ demo-stop:
 # pytest exits 5 when it collects nothing; that fails here like any other error.
 test: deps
 	$(VPY) -m pytest -p no:cacheprovider
+
+# The load test at full size: 2,000 messages over 50 concurrent sessions.
+test-load: deps
+	SCANMILTER_LOAD_MESSAGES=2000 SCANMILTER_LOAD_SESSIONS=50 $(VPY) -m pytest -p no:cacheprovider -s tests/test_e2e_load.py
 
 unit: deps
 	$(VPY) -m pytest -p no:cacheprovider -m "not integration"

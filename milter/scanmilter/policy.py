@@ -171,24 +171,23 @@ def direction_of(env: Envelope, policy: Policy) -> tuple[str, str]:
     return INBOUND, f"client {env.client_address or 'unknown'} is outside internal_networks, not authenticated"
 
 
-def allow_reason(env: Envelope, recipient: str, policy: Policy) -> str:
-    if in_networks(env.client_address, policy.allow_clients):
-        return f"client {env.client_address} is in allow_clients"
-    if listed(env.sender, policy.allow_senders):
-        return f"sender <{env.sender}> is in allow_senders"
-    if listed(recipient, policy.allow_recipients):
-        return f"recipient <{recipient}> is in allow_recipients"
+def _list_match(env: Envelope, recipient: str, policy: Policy, kind: str) -> str:
+    """Why the client, sender or recipient is on the `kind` ("allow" or "block") lists, or ""."""
+    if in_networks(env.client_address, getattr(policy, f"{kind}_clients")):
+        return f"client {env.client_address} is in {kind}_clients"
+    if listed(env.sender, getattr(policy, f"{kind}_senders")):
+        return f"sender <{env.sender}> is in {kind}_senders"
+    if listed(recipient, getattr(policy, f"{kind}_recipients")):
+        return f"recipient <{recipient}> is in {kind}_recipients"
     return ""
+
+
+def allow_reason(env: Envelope, recipient: str, policy: Policy) -> str:
+    return _list_match(env, recipient, policy, "allow")
 
 
 def block_reason(env: Envelope, recipient: str, policy: Policy) -> str:
-    if in_networks(env.client_address, policy.block_clients):
-        return f"client {env.client_address} is in block_clients"
-    if listed(env.sender, policy.block_senders):
-        return f"sender <{env.sender}> is in block_senders"
-    if listed(recipient, policy.block_recipients):
-        return f"recipient <{recipient}> is in block_recipients"
-    return ""
+    return _list_match(env, recipient, policy, "block")
 
 
 def engines_needed(env: Envelope, policy: Policy) -> set[str]:
