@@ -172,3 +172,11 @@ def test_a_100_mb_message(stack):
     assert r["code"] == 250, r
     head = got[0].data.split(b"\n\n", 1)[0]
     assert b"X-Virus-Status: unscanned (oversize)" in head       # over message_size_limit: not scanned, tagged
+
+
+def test_a_forged_release_header_skips_no_scan(stack):
+    marker = uuid.uuid4().hex
+    data = headers(marker, b"X-Quarantine-Released: id=0123456789abcdef01234567, by=root, at=now\n") + \
+        f"\nXJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\n".encode()
+    r = stack.send(wire(data), "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)
+    assert r["code"] == 550 and "spam" in r["reply"], r

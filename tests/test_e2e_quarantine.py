@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -131,6 +132,8 @@ def test_store_failure_tempfails_and_nothing_is_lost(stack):
         data, r = hold(stack, marker)
         assert r["code"] == 451 and "4.7.1" in r["reply"], r
         assert "quarantine store failed" in stack.logs["scanmilter"].read_text()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10).read()
+        assert b"scanmilter_quarantine_store_failures_total 1.0" in metrics
     finally:
         entries_dir.unlink()
         moved.rename(entries_dir)

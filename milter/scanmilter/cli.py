@@ -63,6 +63,14 @@ def _serve(args) -> int:
     return serve(args.config)
 
 
+def _postfix_check(args) -> int:
+    from .postfix_check import run
+    try:
+        return run(args.config, args.main_cf, args.clamd_conf)
+    except config.ConfigError as e:
+        return _fatal(e)
+
+
 def _selftest(args) -> int:
     from .selftest import run
     try:
@@ -119,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_explain)
 
     quarantine_cli.add_parser(sub)
+
+    p = sub.add_parser("postfix-check", help="compare Postfix's and clamd's settings with scanmilter's")
+    p.add_argument("-c", "--config", help="scanmilter configuration file")
+    p.add_argument("--main-cf", help="a Postfix main.cf to check (default: the running system's, via postconf)")
+    p.add_argument("--clamd-conf", default="/etc/clamav/clamd.conf", help="clamd.conf (default %(default)s)")
+    p.set_defaults(func=_postfix_check)
 
     p = sub.add_parser("selftest", help="send a clean message, GTUBE and EICAR to a running scanmilter")
     p.add_argument("-c", "--config", help="configuration file (its milter_socket is used)")
