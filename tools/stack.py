@@ -332,7 +332,9 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
     def _spawn(self, name):
         if name == "scanmilter":
             self.milter_socket.unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONPATH=str(REPO / "milter"))
+        env = dict(os.environ)
+        if name == "scanmilter" and not self.milter_cmd:
+            env["PYTHONPATH"] = str(REPO / "milter")      # the checkout's scanmilter, not an installed one
         with open(self._outfile(name), "ab") as log:
             proc = subprocess.Popen(self._command(name), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=self.root / name, env=env,
