@@ -8,7 +8,8 @@
     large  0.5%  (at least 2) 1-2 MB: a text part and a base64 attachment of random bytes
 
 EICAR comes from scanmilter.selftest.eicar() and exists only in memory. The text is a bigram
-chain over SEED_TEXT below, so spamd sees ordinary English rather than random words.
+chain over SEED_TEXT below, so spamd sees ordinary English rather than random words. Everything
+but the Date headers (minutes before now) is the same on every run.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import io
 import math
 import random
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -81,6 +83,7 @@ class Message:
     mid: str            # Message-ID without <>
     kind: str           # ham | spam | virus | large
     data: bytes         # the message, CRLF line ends, not dot-stuffed
+    sender: str = "alice@outside.test"   # envelope sender: the From address
 
     @property
     def spam_or_virus(self) -> bool:
@@ -139,14 +142,16 @@ def _b64(data: bytes) -> str:
     return base64.encodebytes(data).decode("ascii")
 
 
-def _make(rnd: random.Random, text: _Text, i: int, kind: str) -> Message:
+def _make(rnd: random.Random, text: _Text, i: int, kind: str, now: int) -> Message:
     mid = f"bench-{i}-{rnd.getrandbits(40):010x}@{rnd.choice(DOMAINS)}"
     sender = rnd.choice(NAMES)
-    frm = f"{sender} <{sender.split()[0].lower()}.{sender.split()[1].lower()}@{rnd.choice(DOMAINS)}>"
+    addr = f"{sender.split()[0].lower()}.{sender.split()[1].lower()}@{rnd.choice(DOMAINS)}"
+    frm = f"{sender} <{addr}>"
     rcpt = rnd.choice(NAMES)
     to = f"{rcpt} <{rcpt.split()[0].lower()}@example.com>"
     subject = rnd.choice(SUBJECTS).format(n=rnd.randint(1, 52))
-    date = email.utils.formatdate(1767225600 + i * 37 + rnd.randint(0, 30), localtime=False)
+    # minutes before now: SpamAssassin compares Date with the time of receipt (DATE_IN_PAST_*)
+    date = email.utils.formatdate(now - rnd.randint(60, 1800), localtime=False)
     received = []
     for hop in range(rnd.randint(1, 3)):
         ip = f"198.51.100.{rnd.randint(1, 254)}"
@@ -166,7 +171,7 @@ def _make(rnd: random.Random, text: _Text, i: int, kind: str) -> Message:
                 f"Content-Type: application/octet-stream; name=\"backup-{i}.bin\"\n"
                 f"Content-Disposition: attachment; filename=\"backup-{i}.bin\"\nContent-Transfer-Encoding: base64\n\n"
                 + _b64(blob) + f"--b-{i}--\n")
-        return Message(mid, kind, _crlf(head + body))
+        return Message(mid, kind, _crlf(head + body), addr)
 
     if kind == "virus":
         payload, name, ctype = eicar(), f"invoice-{i}.com", "application/octet-stream"
@@ -181,7 +186,7 @@ def _make(rnd: random.Random, text: _Text, i: int, kind: str) -> Message:
                 f"--b-{i}\nContent-Type: {ctype}; name=\"{name}\"\n"
                 f"Content-Disposition: attachment; filename=\"{name}\"\nContent-Transfer-Encoding: base64\n\n"
                 + _b64(payload) + f"--b-{i}--\n")
-        return Message(mid, kind, _crlf(head + body))
+        return Message(mid, kind, _crlf(head + body), addr)
 
     # ham and spam: 2-50 KB, log-uniform
     target = int(math.exp(rnd.uniform(math.log(2_000), math.log(50_000))))
@@ -211,7 +216,7 @@ def _make(rnd: random.Random, text: _Text, i: int, kind: str) -> Message:
                 + _b64(b"%PDF-1.4\n" + blob) + f"--m-{i}--\n")
     else:
         body = "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n" + plain + "\n"
-    return Message(mid, kind, _crlf(head + body))
+    return Message(mid, kind, _crlf(head + body), addr)
 
 
 def generate(n: int, seed: int = 20260101) -> list[Message]:
@@ -224,7 +229,8 @@ def generate(n: int, seed: int = 20260101) -> list[Message]:
     kinds = ["spam"] * n_spam + ["virus"] * n_virus + ["large"] * n_large
     kinds += ["ham"] * (n - len(kinds))
     rnd.shuffle(kinds)
-    return [_make(rnd, text, i, k) for i, k in enumerate(kinds)]
+    now = int(time.time())
+    return [_make(rnd, text, i, k, now) for i, k in enumerate(kinds)]
 
 
 def big_message(size: int = 50_000_000, seed: int = 7) -> Message:
@@ -232,12 +238,13 @@ def big_message(size: int = 50_000_000, seed: int = 7) -> Message:
     rnd = random.Random(seed)
     text = _Text(rnd)
     head = ("From: Big Sender <big@outside.test>\nTo: Bob <bob@example.com>\nSubject: the archive you asked for\n"
-            f"Date: {email.utils.formatdate(1767225600)}\nMessage-ID: <bench-big@outside.test>\nMIME-Version: 1.0\n"
+            f"Date: {email.utils.formatdate(time.time() - 600)}\nMessage-ID: <bench-big@outside.test>\nMIME-Version: 1.0\n"
             "Content-Type: multipart/mixed; boundary=\"big\"\n\n--big\nContent-Type: text/plain; charset=utf-8\n\n"
             + text.body(2000) + "\n--big\nContent-Type: application/octet-stream; name=\"archive.bin\"\n"
             "Content-Transfer-Encoding: base64\n\n")
     raw = rnd.randbytes(int((size - len(head) - 20) * 57 / 78))   # base64 lines: 57 bytes -> 78 with CRLF
-    return Message("bench-big@outside.test", "large", _crlf(head) + _crlf(_b64(raw)) + b"--big--\r\n")
+    return Message("bench-big@outside.test", "large", _crlf(head) + _crlf(_b64(raw)) + b"--big--\r\n",
+                   "big@outside.test")
 
 
 def describe(msgs: list[Message]) -> dict:
