@@ -71,17 +71,7 @@ DRAIN_TIMEOUT = 300.0               # Postfix's queue must be empty within this 
 WARMUP = 16                         # untimed messages before every measured run
 STOP_TIMEOUT = 8.0                  # SIGTERM -> SIGKILL for our own processes (C milters ignore SIGTERM for >7 s)
 
-TRIVIAL_MILTER = '''\
-import os, sys, Milter
-class Trivial(Milter.Base):
-    def eom(self):
-        self.addheader("X-Trivial-Milter", "seen")
-        return Milter.ACCEPT
-os.umask(0)
-Milter.factory = Trivial
-Milter.set_flags(Milter.ADDHDRS)
-Milter.runmilter("trivial", sys.argv[1], 240)
-'''
+TRIVIAL_MILTER = REPO / "tools" / "trivial_milter.py"    # variant 6, shared with the stack self-test
 
 
 class BenchError(RuntimeError):
@@ -515,10 +505,8 @@ class Bench:
             self.start_peers()
             self.milters["4"] = ["clamav-milter", "spamass-milter"]
         if "6" in variants:
-            script = mdir / "trivial_milter.py"
-            script.write_text(TRIVIAL_MILTER)
             sock = mdir / "trivial.sock"
-            self.procs.start("trivial", [sys.executable, str(script), f"unix:{sock}"], sock, mdir)
+            self.procs.start("trivial", [sys.executable, str(TRIVIAL_MILTER), f"unix:{sock}"], sock, mdir)
             self.sockets["trivial"] = sock
             self.milters["6"] = ["trivial"]
 

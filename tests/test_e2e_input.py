@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import stack as stacklib
-from test_e2e import OUTSIDE
+from test_e2e import GTUBE, OUTSIDE
 
 pytestmark = pytest.mark.integration
 
@@ -177,6 +177,6 @@ def test_a_100_mb_message(stack):
 def test_a_forged_release_header_skips_no_scan(stack):
     marker = uuid.uuid4().hex
     data = headers(marker, b"X-Quarantine-Released: id=0123456789abcdef01234567, by=root, at=now\n") + \
-        f"\nXJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\n".encode()
+        f"\n{GTUBE}\n".encode()
     r = stack.send(wire(data), "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)
     assert r["code"] == 550 and "spam" in r["reply"], r

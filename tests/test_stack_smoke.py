@@ -12,18 +12,9 @@ import time
 import pytest
 
 import stack as stacklib
+from conftest import ROOT
 
-TRIVIAL_MILTER = '''
-import os, sys, Milter
-class Trivial(Milter.Base):
-    def eom(self):
-        self.addheader("X-Trivial-Milter", "seen")
-        return Milter.ACCEPT
-os.umask(0)
-Milter.factory = Trivial
-Milter.set_flags(Milter.ADDHDRS)
-Milter.runmilter("trivial", sys.argv[1], 240)
-'''
+TRIVIAL_MILTER = ROOT / "tools" / "trivial_milter.py"
 
 
 def test_eicar_is_built_at_run_time():
@@ -49,10 +40,8 @@ def test_parse_sink_dump(tmp_path):
 def test_stack_end_to_end_with_a_trivial_milter():
     pytest.importorskip("Milter")
     root = tempfile.mkdtemp(prefix="scanmilter-stack-")
-    milter = f"{root}/trivial_milter.py"
-    with open(milter, "w") as f:
-        f.write(TRIVIAL_MILTER)
-    s = stacklib.Stack(root, smtp_port=stacklib.free_port(), milter_cmd=[sys.executable, milter, "{socket}"])
+    s = stacklib.Stack(root, smtp_port=stacklib.free_port(),
+                       milter_cmd=[sys.executable, str(TRIVIAL_MILTER), "{socket}"])
     msg = b"From: a@outside.test\r\nTo: b@example.com\r\nSubject: hello\r\n\r\nbody\r\n.dot\r\n"
     try:
         s.start()

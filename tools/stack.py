@@ -18,7 +18,7 @@ world-searchable (pytest's tmp_path under /tmp/pytest-of-root, mode 0700, is not
 
 Command line:  python tools/stack.py up|down|status --dir DIR [--smtp-port N]
 """
-import argparse, base64, dataclasses, email, email.policy, json, os, pwd, shutil, signal
+import argparse, dataclasses, email, email.policy, json, os, pwd, shutil, signal
 import shlex, smtplib, socket, subprocess, sys, time
 from pathlib import Path
 

@@ -63,9 +63,6 @@ class Health:
             log.warning("%s failed %d times in a row: skipping it for %.0fs (circuit open)", engine,
                         self.failure_threshold, self.retry_interval)
 
-    def up(self, engine: str) -> bool | None:
-        return self._up.get(engine)
-
 
 def breaker_result(engine: str) -> ScanResult:
     return ScanResult(engine, ERROR, f"{CIRCUIT}: skipped after repeated failures")
