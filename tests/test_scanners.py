@@ -91,6 +91,28 @@ def test_clamd_replies(tmp_path, reply, outcome, detail):
     assert sent.startswith(b"zINSTREAM\0") and sent.count(b"x") == 200000
 
 
+def answer_early(reply):
+    """A server that reads the first bytes only, answers and hangs up, as clamd does when a
+    stream passes its StreamMaxLength."""
+    def behave(srv, conn):
+        conn.recv(100)
+        conn.sendall(reply)
+    return behave
+
+
+def test_clamd_hanging_up_mid_stream_is_a_protocol_error_with_its_words(tmp_path):
+    srv = FakeServer(tmp_path, answer_early(b"INSTREAM size limit exceeded. ERROR\0"))
+    result = clamd_scanner(srv.path, size_limit=1 << 30).scan(spool_of(b"x" * (8 << 20), memory_limit=1000))
+    assert result.outcome == "error" and result.detail.startswith("protocol: clamd hung up mid-stream")
+    assert "size limit exceeded" in result.detail
+
+
+def test_spamd_hanging_up_mid_message_is_a_protocol_error(tmp_path):
+    srv = FakeServer(tmp_path, answer_early(b"SPAMD/1.1 76 Bad header line\r\n\r\n"))
+    result = spamd_scanner(srv.path, size_limit=1 << 30).scan(spool_of(b"y" * (8 << 20), memory_limit=1000))
+    assert result.outcome == "error" and result.detail.startswith("protocol: spamd error 76"), result.detail
+
+
 def test_clamd_that_never_answers_times_out(tmp_path):
     srv = FakeServer(tmp_path, lambda s, c: (s.read_all(c, until=instream_done), time.sleep(5)))
     start = time.monotonic()

@@ -67,6 +67,22 @@ def connect(address: tuple[str, object], connect_timeout: float, deadline: Deadl
     return sock
 
 
+HANGUP_READ = 0.5     # seconds to collect what a server said before it hung up mid-request
+
+
+def words_before_hangup(sock: socket.socket, limit: int = 4096) -> bytes:
+    """A server may answer and close before it has read the whole request (clamd does so
+    when a stream passes its StreamMaxLength); the answer says why, so read what arrived."""
+    data = b""
+    try:
+        sock.settimeout(HANGUP_READ)
+        while len(data) < limit and (chunk := sock.recv(limit)):
+            data += chunk
+    except OSError:
+        pass
+    return data
+
+
 def run(engine: str, scan) -> ScanResult:
     """Time `scan()` and turn any failure into an error result."""
     start = time.monotonic()

@@ -11,7 +11,8 @@ import time
 
 import clamd as clamd_client
 
-from . import CLEAN, FOUND, PROTOCOL, SKIPPED, Deadline, EngineError, ScanResult, connect, run
+from . import (CLEAN, FOUND, PROTOCOL, SKIPPED, Deadline, EngineError, ScanResult, connect, run,
+               words_before_hangup)
 
 CHUNK = 64 * 1024   # INSTREAM chunk; clamd accepts chunks up to its StreamMaxLength
 CHECK_TIMEOUT = 5.0  # seconds for PING and VERSION
@@ -44,10 +45,15 @@ class _Client(clamd_client.ClamdNetworkSocket):
     def instream_reply(self, reader) -> str:
         self._init_socket()
         try:
-            self._send(b"zINSTREAM\0")
-            while chunk := reader.read(CHUNK):
-                self._send(struct.pack("!L", len(chunk)) + chunk)
-            self._send(struct.pack("!L", 0))
+            try:
+                self._send(b"zINSTREAM\0")
+                while chunk := reader.read(CHUNK):
+                    self._send(struct.pack("!L", len(chunk)) + chunk)
+                self._send(struct.pack("!L", 0))
+            except (BrokenPipeError, ConnectionResetError):
+                said = words_before_hangup(self.clamd_socket).rstrip(b"\0").decode("utf-8", "replace").strip()
+                raise EngineError(PROTOCOL, f"clamd hung up mid-stream: {said[:200]!r}" if said
+                                  else "clamd hung up mid-stream") from None
             self.clamd_socket.settimeout(self.deadline.left())
             reply = b""
             while not reply.endswith(b"\0") and len(reply) < 4096:

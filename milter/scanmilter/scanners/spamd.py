@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 import socket
 
-from . import CLEAN, FOUND, PROTOCOL, SKIPPED, Deadline, EngineError, ScanResult, connect, run
+from . import (CLEAN, FOUND, PROTOCOL, SKIPPED, Deadline, EngineError, ScanResult, connect, run,
+               words_before_hangup)
 
 CHUNK = 64 * 1024
 CHECK_TIMEOUT = 5.0          # seconds for PING
@@ -43,13 +44,18 @@ class SpamdScanner:
             head = f"SYMBOLS SPAMC/1.5\r\nContent-length: {size}\r\n"
             if self.user:
                 head += f"User: {self.user}\r\n"
-            sock.settimeout(deadline.left())
-            sock.sendall(head.encode("ascii") + b"\r\n")
-            with spool.reader(size) as reader:
-                while chunk := reader.read(CHUNK):
-                    sock.settimeout(deadline.left())
-                    sock.sendall(chunk)
-            sock.shutdown(socket.SHUT_WR)
+            try:
+                sock.settimeout(deadline.left())
+                sock.sendall(head.encode("ascii") + b"\r\n")
+                with spool.reader(size) as reader:
+                    while chunk := reader.read(CHUNK):
+                        sock.settimeout(deadline.left())
+                        sock.sendall(chunk)
+                sock.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                said = words_before_hangup(sock)
+                parse_reply(said)    # a well-formed spamd error explains the hang-up best
+                raise EngineError(PROTOCOL, f"spamd hung up mid-message: {said[:100]!r}") from None
             reply = b""
             while len(reply) <= REPLY_LIMIT:
                 sock.settimeout(deadline.left())
