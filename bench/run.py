@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""scanmilter benchmark: one Postfix, one clamd, one spamd, six ways of putting mail through them.
+"""scanmilter benchmark: one Postfix, one clamd, one spamd, eight ways of putting mail through them.
 
     1 bare      Postfix without a milter: the ceiling
     2 noeng     scanmilter with clamd_enabled = spamd_enabled = false: the cost of scanmilter itself
@@ -7,10 +7,13 @@
     4 peers     clamav-milter + spamass-milter chained (-r 15, no -i): the pair scanmilter replaces
     5 direct    clamd INSTREAM + spamd SYMBOLS in parallel per message, no MTA: the scanners' own limit
     6 trivial   a pymilter milter that accepts everything and adds one header: the Python floor
+    7 noeng-tcp variant 2 on a TCP milter socket
+    8 trivial-tcp variant 6 on a TCP milter socket: the ~90 ms per message TCP stall of plain libmilter
 
 Every variant uses the same private stack (tools/stack.py: Postfix -> smtp-sink, clamd, spamd with
-4 children); only Postfix's smtpd_milters changes (postconf + postfix reload). All milters are unix
-sockets. Runs are interleaved (round r runs every variant once) so drift hits all variants alike.
+4 children); only Postfix's smtpd_milters changes (postconf + postfix reload). Milters listen on
+unix sockets, except in variants 7 and 8 (TCP on 127.0.0.1). Runs are interleaved (round r runs
+every variant once) so drift hits all variants alike.
 The client is a thread pool of --sessions SMTP sessions, one message per session (connect, EHLO,
 XCLIENT from an outside address, EHLO, MAIL, RCPT, DATA, QUIT), timing every message.
 A memory run follows: one 50 MB message, then 100 concurrent sessions held in DATA, each against a
@@ -53,12 +56,16 @@ VARIANTS = {  # number: (JSON key, label)
     "4": ("4_clamav_milter_spamass_milter", "clamav-milter + spamass-milter"),
     "5": ("5_scanners_direct", "clamd + spamd directly"),
     "6": ("6_trivial_pymilter", "trivial pymilter milter"),
+    "7": ("7_scanmilter_engines_off_tcp", "scanmilter, engines disabled, TCP"),
+    "8": ("8_trivial_pymilter_tcp", "trivial pymilter milter, TCP"),
 }
 SPAMD_BOUND = ("3", "4", "5")
 RATIOS = [("2/1", "scanmilter without engines vs bare Postfix"),
           ("2/6", "scanmilter without engines vs trivial pymilter milter (same unix socket)"),
           ("3/4", "scanmilter vs clamav-milter + spamass-milter"),
-          ("3/5", "scanmilter vs clamd + spamd driven directly")]
+          ("3/5", "scanmilter vs clamd + spamd driven directly"),
+          ("7/8", "scanmilter without engines vs trivial pymilter milter (same TCP socket)")]
+TCP_P50_LIMIT_MS = 10.0             # variant 7's p50: no per-message TCP stall
 
 OUTSIDE_ADDR = "203.0.113.25"       # XCLIENT: every message is inbound from an outside host
 SENDER, RECIPIENT = "alice@outside.test", "bob@example.com"
@@ -166,8 +173,10 @@ class Procs:
             raise BenchError(f"leftover pids {left} survived SIGKILL")
         self.file.unlink(missing_ok=True)
 
-    def start(self, name, cmd, socket_path: Path, cwd: Path, env=None):
-        socket_path.unlink(missing_ok=True)
+    def start(self, name, cmd, socket_path, cwd: Path, env=None):
+        """socket_path: a unix socket's Path, or a TCP port on 127.0.0.1."""
+        if isinstance(socket_path, Path):
+            socket_path.unlink(missing_ok=True)
         logf = cwd / f"{name}.log"
         with open(logf, "ab") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -475,7 +484,7 @@ class Bench:
         self.procs = None
         self.postfix = None
         self.milters = {}        # variant -> names of its milter processes, in smtpd_milters order
-        self.sockets = {}        # milter name -> its unix socket
+        self.sockets = {}        # milter name -> its address in Postfix's spelling (unix:PATH, inet:HOST:PORT)
 
     # ------------------------------------------------------------ set-up
     def setup(self, variants):
@@ -505,24 +514,42 @@ class Bench:
             self.start_peers()
             self.milters["4"] = ["clamav-milter", "spamass-milter"]
         if "6" in variants:
-            sock = mdir / "trivial.sock"
-            self.procs.start("trivial", [sys.executable, str(TRIVIAL_MILTER), f"unix:{sock}"], sock, mdir)
-            self.sockets["trivial"] = sock
+            self.start_trivial("trivial", tcp=False)
             self.milters["6"] = ["trivial"]
+        if "7" in variants:
+            self.start_scanmilter("scanmilter-noeng-tcp", engines=False, tcp=True)
+            self.milters["7"] = ["scanmilter-noeng-tcp"]
+        if "8" in variants:
+            self.start_trivial("trivial-tcp", tcp=True)
+            self.milters["8"] = ["trivial-tcp"]
 
-    def start_scanmilter(self, name, engines=True):
+    def listen_address(self, name, tcp):
+        """(libmilter's spelling, Postfix's spelling, what Procs.start waits for)."""
+        if tcp:
+            port = stacklib.free_port()
+            return f"inet:{port}@127.0.0.1", f"inet:127.0.0.1:{port}", port
+        sock = self.root / "milters" / f"{name}.sock"
+        return f"unix:{sock}", f"unix:{sock}", sock
+
+    def start_trivial(self, name, tcp):
+        listen, postfix, wait = self.listen_address(name, tcp)
+        self.procs.start(name, [sys.executable, str(TRIVIAL_MILTER), listen], wait, self.root / "milters")
+        self.sockets[name] = postfix
+
+    def start_scanmilter(self, name, engines=True, tcp=False):
         mdir = self.root / "milters"
-        sock, conf = mdir / f"{name}.sock", mdir / f"{name}.toml"
+        conf = mdir / f"{name}.toml"
+        listen, postfix, wait = self.listen_address(name, tcp)
         st = self.stack
-        settings = {"milter_socket": f"unix:{sock}", "milter_socket_mode": "0666",
+        settings = {"milter_socket": listen, "milter_socket_mode": "0666",
                     "clamd_socket": f"unix:{st.clamd_socket}", "spamd_socket": f"inet:127.0.0.1:{st.spamd_port}",
                     "quarantine_release_address": f"inet:127.0.0.1:{st.release_port}",
                     "metrics_address": f"127.0.0.1:{stacklib.free_port()}",
                     "clamd_enabled": engines, "spamd_enabled": engines}
         conf.write_text("".join(f"{k} = {stacklib._toml(v)}\n" for k, v in settings.items()))
         env = dict(os.environ, PYTHONPATH=str(REPO / "milter"))
-        self.procs.start(name, [sys.executable, "-m", "scanmilter", "serve", "-c", str(conf)], sock, mdir, env=env)
-        self.sockets[name] = sock
+        self.procs.start(name, [sys.executable, "-m", "scanmilter", "serve", "-c", str(conf)], wait, mdir, env=env)
+        self.sockets[name] = postfix
 
     def start_peers(self):
         """Debian's clamav-milter and spamass-milter, private configuration, the same clamd and spamd."""
@@ -545,7 +572,7 @@ class Bench:
         self.procs.start("spamass-milter", [stacklib._bin("spamass-milter"), "-p", str(ssock), "-r", "15",
                                             "-P", str(mdir / "spamass-milter.pid"), "--",
                                             "-d", "127.0.0.1", "-p", str(self.stack.spamd_port)], ssock, mdir)
-        self.sockets["clamav-milter"], self.sockets["spamass-milter"] = csock, ssock
+        self.sockets["clamav-milter"], self.sockets["spamass-milter"] = f"unix:{csock}", f"unix:{ssock}"
 
     def teardown(self):
         errors = []
@@ -577,21 +604,22 @@ class Bench:
         snap["_time"] = time.monotonic()
         return snap
 
-    def one_run(self, variant, msgs, payloads):
+    def one_run(self, variant, msgs, payloads, sessions=None):
         """One measured run of a variant: dict of raw figures."""
+        sessions = sessions or self.args.sessions
         st, pf = self.stack, self.postfix
         if variant == "5":
             fn = lambda i: direct_scan(st, msgs[i].data)   # noqa: E731
         else:
-            pf.set_milters([f"unix:{self.sockets[n]}" for n in self.milters.get(variant, [])])
+            pf.set_milters([self.sockets[n] for n in self.milters.get(variant, [])])
             fn = lambda i: smtp_send(st.smtp_port, payloads[i], msgs[i].sender)   # noqa: E731
         n = len(msgs)
         warm = [i for i in range(len(msgs)) if msgs[i].kind == "ham"][:WARMUP]
-        run_load(warm, self.args.sessions, fn, 120)
+        run_load(warm, sessions, fn, 120)
         pf.drain()
         groups = self.groups(variant)
         s0 = self.snapshot(groups)
-        results, seconds = run_load(list(range(n)), self.args.sessions, fn,
+        results, seconds = run_load(list(range(n)), sessions, fn,
                                     timeout=self.args.run_timeout)
         s1 = self.snapshot(groups)
         pf.drain()
@@ -659,7 +687,7 @@ class Bench:
 
         def fresh(name):
             self.start_scanmilter(name, engines=True)
-            pf.set_milters([f"unix:{self.sockets[name]}"])
+            pf.set_milters([self.sockets[name]])
             for p in ham:  # warm up: imports, pools, engine connections
                 smtp_send(st.smtp_port, p)
             pf.drain()
@@ -813,7 +841,7 @@ def fmt(v, spec=".1f", none="-"):
 
 def table(summary) -> str:
     head = (f"{'variant':37} {'msgs/s median (min-max)':>25} {'p50 ms':>7} {'p99 ms':>7} "
-            f"{'milter CPU ms/msg':>17} {'postfix':>7} {'clamd':>6} {'spamd':>6} {'client':>6} "
+            f"{'1-session p50':>13} {'milter CPU ms/msg':>17} {'postfix':>7} {'clamd':>6} {'spamd':>6} {'client':>6} "
             f"{'peak RSS MiB':>12} {'other%':>6} {'unexp':>5}")
     lines = [head, "-" * len(head)]
     for v, (key, label) in VARIANTS.items():
@@ -823,7 +851,9 @@ def table(summary) -> str:
         r, lat, cpu = s["msgs_per_s"], s["latency_ms"], s["cpu_s_per_msg"]
         ms = lambda k: fmt(cpu[k] * 1000 if cpu.get(k) is not None else None, ".2f")  # noqa: E731
         rate = f"{r['median']:.1f} ({r['min']:.1f}-{r['max']:.1f})"
-        lines.append(f"{v} {label:35} {rate:>25} {fmt(lat['p50']):>7} {fmt(lat['p99']):>7} {ms('milter'):>17} "
+        one = s.get("latency_ms_one_session", {}).get("p50")
+        lines.append(f"{v} {label:35} {rate:>25} {fmt(lat['p50']):>7} {fmt(lat['p99']):>7} {fmt(one):>13} "
+                     f"{ms('milter'):>17} "
                      f"{ms('postfix'):>7} {ms('clamd'):>6} {ms('spamd'):>6} {ms('client'):>6} "
                      f"{fmt(s['peak_rss_mib_total']):>12} {100 * s['other_cpu_share_max']:>6.1f} {s['unexpected']:>5}")
     return "\n".join(lines)
@@ -850,6 +880,12 @@ def targets(summary, rat, memory) -> list:
         add("throughput 3/5 >= 0.95", rat["3/5"]["value"], 0.95, rat["3/5"]["value"] >= 0.95, "x")
     if "2/6" in rat:
         add("throughput 2/6 >= 0.9", rat["2/6"]["value"], 0.9, rat["2/6"]["value"] >= 0.9, "x")
+    if "7/8" in rat:
+        add("throughput 7/8 >= 0.9", rat["7/8"]["value"], 0.9, rat["7/8"]["value"] >= 0.9, "x")
+    s7 = summary.get(VARIANTS["7"][0], {}).get("latency_ms_one_session")
+    if s7:
+        add(f"p50 latency 7 (TCP, one session) < {TCP_P50_LIMIT_MS:.0f} ms", s7["p50"], TCP_P50_LIMIT_MS,
+            s7["p50"] < TCP_P50_LIMIT_MS, "ms")
     s3, s4 = summary.get(VARIANTS["3"][0]), summary.get(VARIANTS["4"][0])
     if s3 and s4:
         add("p50 latency 3 <= p50 latency 4", s3["latency_ms"]["p50"], s4["latency_ms"]["p50"],
@@ -913,11 +949,14 @@ def parse_args(argv):
     ap.add_argument("--messages", type=int, help="messages per run of the spamd-bound variants 3, 4, 5 "
                     "(default 600; --quick 100)")
     ap.add_argument("--fast-repeat", type=int, default=6,
-                    help="variants 1, 2, 6 send the corpus this many times per run (default 6)")
+                    help="variants 1, 2, 6, 7, 8 send the corpus this many times per run (default 6)")
     ap.add_argument("--sessions", type=int, default=8, help="concurrent SMTP sessions / scans (default 8)")
     ap.add_argument("--runs", type=int, help="runs per variant; the median is reported (default 3; --quick 1)")
-    ap.add_argument("--only", default="123456", help="variants to run, e.g. 1,3,4 (default all)")
+    ap.add_argument("--only", default="".join(VARIANTS), help="variants to run, e.g. 1,3,4 (default all)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory run")
+    ap.add_argument("--serial-messages", type=int, default=200,
+                    help="ham messages sent one at a time per variant for the idle latency, a fifth of "
+                    "that for variants 3, 4, 5 (default 200; 0: none)")
     ap.add_argument("--big-bytes", type=int, default=50_000_000, help="size of the memory run's big message")
     ap.add_argument("--scanned-bytes", type=int, default=20_000_000,
                     help="size of a second big message, under clamd_size_limit (0: none)")
@@ -938,7 +977,7 @@ def parse_args(argv):
     args.runs = args.runs or (1 if args.quick else 3)
     args.only = "".join(dict.fromkeys(c for c in args.only if c in VARIANTS))
     if not args.only:
-        ap.error("--only: no known variant (1-6)")
+        ap.error(f"--only: no known variant ({min(VARIANTS)}-{max(VARIANTS)})")
     return args
 
 
@@ -967,7 +1006,7 @@ def main(argv=None):
 
     bench = Bench(args)
     raw = {v: [] for v in args.only}
-    memory, failed, discarded = {}, None, {}
+    memory, failed, discarded, serial = {}, None, {}, {}
     try:
         bench.setup(args.only)
         log(f"stack up: {json.dumps(bench.stack.describe()['smtp'])}; milters: "
@@ -988,6 +1027,16 @@ def main(argv=None):
                     discarded.setdefault(VARIANTS[v][0], []).append(
                         {k: r[k] for k in ("msgs_per_s", "seconds", "other_cpu_share")})
                 raw[v].append(r)
+        for v in args.only if args.serial_messages else ():
+            # one session, ham only: the latency of a message on an idle system, where a transport
+            # stall is not hidden behind queueing
+            n = args.serial_messages // (5 if v in SPAMD_BOUND else 1)
+            m = [x for x in msgs if x.kind == "ham"][:n]
+            r = bench.one_run(v, m, [smtp_payload(x.data) for x in m], sessions=1)
+            lat = [x[1] for x in r["latencies"] if x[1] is not None]
+            serial[v] = {"messages": len(m), "p50": pct(lat, 50), "p99": pct(lat, 99)}
+            log(f"one session, variant {v} ({VARIANTS[v][1]}): {len(m)} ham messages, p50 "
+                f"{fmt(serial[v]['p50'])} ms, p99 {fmt(serial[v]['p99'])} ms")
         if not args.no_memory:
             memory = bench.memory_run(msgs, payloads)
         info = {"versions": versions(bench.stack)}
@@ -1008,6 +1057,9 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     summary = {VARIANTS[v][0]: bench.summarize(v, runs) for v, runs in raw.items() if runs}
+    for v, figures in serial.items():
+        if VARIANTS[v][0] in summary:
+            summary[VARIANTS[v][0]]["latency_ms_one_session"] = figures
     rat = ratios(summary)
     tg = targets(summary, rat, memory)
     warnings = []
@@ -1023,7 +1075,7 @@ def main(argv=None):
               "settings": {"messages": args.messages, "fast_repeat": args.fast_repeat, "sessions": args.sessions,
                            "runs": args.runs, "spamd_children": args.spamd_children, "warmup": WARMUP,
                            "disturbed_share": args.disturbed_share, "retries": args.retries,
-                           "socket": "unix", "client": "python thread pool, one message per SMTP session, XCLIENT "
+                           "socket": "unix (variants 7, 8: TCP)", "client": "python thread pool, one message per SMTP session, XCLIENT "
                            f"ADDR={OUTSIDE_ADDR}"},
               "corpus": corpuslib.describe(msgs), **info,
               "variants": summary, "ratios": rat, "targets": tg, "memory": memory,

@@ -8,15 +8,17 @@ import time
 
 import pytest
 
+import stack as stacklib
 from conftest import ROOT
+from scanmilter import miltertalk as MT
 
 pytestmark = pytest.mark.integration
 
 
-def start(tmp_path, extra=""):
+def start(tmp_path, extra="", milter_socket=None):
     sock = tmp_path / "s.sock"
     conf = tmp_path / "scanmilter.toml"
-    conf.write_text(f'milter_socket = "unix:{sock}"\nmetrics_address = ""\nclamd_enabled = false\n'
+    conf.write_text(f'milter_socket = "{milter_socket or f"unix:{sock}"}"\nmetrics_address = ""\nclamd_enabled = false\n'
                     f'spamd_enabled = false\n' + extra)
     log = open(tmp_path / "out.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "scanmilter", "serve", "-c", str(conf)], stdout=log,
@@ -56,3 +58,70 @@ def test_a_bad_configuration_stops_start_up_with_one_line(tmp_path):
     assert proc.wait(timeout=15) == 1
     out = (tmp_path / "out.log").read_text()
     assert out.startswith("scanmilter: fatal: ") and "clamd_timeout" in out and out.count("\n") == 1
+
+
+# Flags that skip a stage or leave it unanswered; unknown commands may stay skipped.
+SKIP_OR_NO_REPLY = (MT.P_NOCONNECT | MT.P_NOHELO | MT.P_NOMAIL | MT.P_NORCPT | MT.P_NOBODY | MT.P_NOHDRS
+                    | MT.P_NOEOH | MT.P_NODATA | MT.P_NR_HDR | MT.P_NR_CONN | MT.P_NR_HELO | MT.P_NR_MAIL
+                    | MT.P_NR_RCPT | MT.P_NR_DATA | MT.P_NR_EOH | MT.P_NR_BODY)
+
+
+def negotiated(address):
+    session = MT.Session(address, timeout=10)
+    try:
+        session.negotiate()
+        return session.protocol
+    finally:
+        session.close()
+
+
+def one_message(address):
+    session = MT.Session(address, timeout=10)
+    try:
+        return session.message("203.0.113.9", "mx.outside.test", "alice@outside.test", ["bob@example.com"],
+                               [("Subject", "hello"), ("From", "alice@outside.test")], b"hi\r\n")
+    finally:
+        session.close()
+
+
+def wait_connectable(proc, address, timeout=10):
+    end = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "daemon exited"
+        try:
+            return negotiated(address)
+        except MT.MilterError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+
+
+def test_unix_socket_negotiates_no_reply_stages(tmp_path):
+    proc, sock, conf = start(tmp_path)
+    try:
+        wait_socket(proc, sock)
+        protocol = negotiated(f"unix:{sock}")
+        # headers and body stream without an answer each: cheaper, and no TCP to stall
+        assert protocol & MT.P_NR_HDR and protocol & MT.P_NR_BODY, hex(protocol)
+        answer = one_message(f"unix:{sock}")
+        assert answer.action == "accept", answer
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_tcp_socket_answers_every_stage_and_sets_nodelay(tmp_path):
+    port = stacklib.free_port()
+    address = f"inet:{port}@127.0.0.1"
+    proc, sock, conf = start(tmp_path, milter_socket=address)
+    try:
+        protocol = wait_connectable(proc, address)
+        # a packet Postfix sends without waiting for an answer would wait for our delayed ACK
+        assert protocol & SKIP_OR_NO_REPLY == 0, hex(protocol)
+        answer = one_message(address)
+        assert answer.action == "accept", answer
+    finally:
+        proc.kill()
+        proc.wait()
+    log = (tmp_path / "out.log").read_text()
+    assert "milter socket is TCP: TCP_NODELAY set, every stage answered" in log, log

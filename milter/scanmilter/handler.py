@@ -14,6 +14,7 @@ import Milter
 
 from . import headers as H
 from . import policy as P
+from . import transport
 from .logs import escape, log, summary
 from .message import Connection, Message, Spool
 from .metrics import Metrics
@@ -22,6 +23,14 @@ INTERNAL_ERROR_REPLY = ("451", "4.7.1", "Internal error in the content filter, p
 _MILTER_ACTION = {P.ACCEPT: Milter.ACCEPT, P.REJECT: Milter.REJECT,
                   P.TEMPFAIL: Milter.TEMPFAIL, P.DISCARD: Milter.DISCARD}
 STORE_FAILED_REPLY = ("451", "4.7.1", "Message cannot be held for review now, please try again later")
+
+
+# Protocol flags that make Postfix skip a stage or not wait for its answer. Unknown SMTP
+# commands stay skipped: no macros go with them.
+TCP_CLEARED_PROTOCOL = (Milter.P_NOCONNECT | Milter.P_NOHELO | Milter.P_NOMAIL | Milter.P_NORCPT
+                        | Milter.P_NODATA | Milter.P_NOHDRS | Milter.P_NOEOH | Milter.P_NOBODY
+                        | Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_RCPT
+                        | Milter.P_NR_DATA | Milter.P_NR_HDR | Milter.P_NR_EOH | Milter.P_NR_BODY)
 
 
 class Runtime:
@@ -33,6 +42,7 @@ class Runtime:
         self.metrics = metrics if metrics is not None else Metrics()
         self._lock = threading.Lock()
         self.in_flight = 0
+        self.tcp = transport.is_tcp(cfg.milter_socket)   # milter_socket changes only with a restart
 
     def begin(self) -> None:
         with self._lock:
@@ -77,6 +87,13 @@ class Handler(Milter.Base):
         self.msg: Message | None = None
         self.failed = False
         self.counted = False        # this session is in connections_in_flight
+
+    def negotiate(self, opts):
+        rc = super().negotiate(opts)
+        if self.rt.tcp and rc == Milter.CONTINUE:
+            # every stage received and answered: see transport.py for the stalls this avoids
+            opts[1] = self._protocol = opts[1] & ~TCP_CLEARED_PROTOCOL
+        return rc
 
     @Milter.noreply
     @guarded
