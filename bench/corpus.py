@@ -4,6 +4,9 @@
                  multipart/alternative with an HTML part, some with a small binary attachment,
                  some replies quoting earlier text; 1-3 Received headers from outside relays
     spam    5%   the same kind of text with the GTUBE string in the body (SpamAssassin scores 1000)
+    bulk    5%   newsletters: mailings of 10 copies each, one transaction per recipient (same
+                 From, Subject and body; own To, Date, Message-ID and Received), shuffled into
+                 the rest like any other mail
     virus   3%   EICAR as a base64 attachment, half of them inside a zip made in memory
     large  0.5%  (at least 2) 1-2 MB: a text part and a base64 attachment of random bytes
 
@@ -75,13 +78,14 @@ SUBJECTS = ["Re: invoice for the March order", "Meeting with the supplier on Tue
 NAMES = ["Anna Berg", "Peter Novak", "Maria Lopez", "John Carter", "Li Wei", "Sophie Martin", "Jan de Vries",
          "Olga Ivanova", "Tom Becker", "Fatima Khan", "Lukas Meyer", "Emma Wilson"]
 DOMAINS = ["outside.test", "supplier.example.net", "customer.example.org", "mail.partner.test"]
-KINDS = ("ham", "spam", "virus", "large")
+KINDS = ("ham", "spam", "virus", "large", "bulk")
+BULK_COPIES = 10            # copies per mailing
 
 
 @dataclasses.dataclass
 class Message:
     mid: str            # Message-ID without <>
-    kind: str           # ham | spam | virus | large
+    kind: str           # ham | spam | virus | large | bulk
     data: bytes         # the message, CRLF line ends, not dot-stuffed
     sender: str = "alice@outside.test"   # envelope sender: the From address
 
@@ -219,18 +223,45 @@ def _make(rnd: random.Random, text: _Text, i: int, kind: str, now: int) -> Messa
     return Message(mid, kind, _crlf(head + body), addr)
 
 
+def _bulk_copies(rnd: random.Random, text: _Text, mailing: int, now: int) -> list[Message]:
+    """One newsletter sent to BULK_COPIES recipients in as many transactions."""
+    template = _make(rnd, text, 100_000 + mailing, "ham", now)
+    head, _, body = template.data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    keep = [ln for ln in lines if ln.split(":")[0] in ("From", "Subject", "MIME-Version", "Content-Type",
+                                                         "Content-Transfer-Encoding")]
+    copies = []
+    for c in range(BULK_COPIES):
+        mid = f"bulk-{mailing}-{c}-{rnd.getrandbits(40):010x}@{template.sender.split('@')[1]}"
+        rcpt = rnd.choice(NAMES)
+        date = email.utils.formatdate(now - rnd.randint(60, 1800), localtime=False)
+        ip = f"198.51.100.{rnd.randint(1, 254)}"
+        own = [f"Received: from out.{template.sender.split('@')[1]} ([{ip}])\r\n\tby mx0.example.com with ESMTPS "
+               f"id {rnd.getrandbits(48):012X};\r\n\t{date}",
+               f"To: {rcpt} <{rcpt.split()[0].lower()}@example.com>", f"Date: {date}", f"Message-ID: <{mid}>"]
+        copies.append(Message(mid, "bulk", "\r\n".join(own + keep).encode() + b"\r\n\r\n" + body,
+                              template.sender))
+    return copies
+
+
 def generate(n: int, seed: int = 20260101) -> list[Message]:
-    """n messages in a fixed, shuffled order: 5% spam, 3% virus, max(2, n/200) large, the rest ham."""
+    """n messages in a fixed, shuffled order: 5% spam, 3% virus, max(2, n/200) large, 5% bulk
+    (whole mailings of BULK_COPIES), the rest ham."""
     rnd = random.Random(seed)
     text = _Text(rnd)
     n_spam, n_virus, n_large = round(n * 0.05), round(n * 0.03), max(2, round(n * 0.005))
+    n_mailings = round(n * 0.05 / BULK_COPIES)
     if n < 20:
         n_spam, n_virus, n_large = min(1, n), min(1, max(n - 1, 0)), min(1, max(n - 2, 0))
     kinds = ["spam"] * n_spam + ["virus"] * n_virus + ["large"] * n_large
-    kinds += ["ham"] * (n - len(kinds))
+    kinds += ["ham"] * (n - len(kinds) - n_mailings * BULK_COPIES)
     rnd.shuffle(kinds)
     now = int(time.time())
-    return [_make(rnd, text, i, k, now) for i, k in enumerate(kinds)]
+    msgs = [_make(rnd, text, i, k, now) for i, k in enumerate(kinds)]
+    for mailing in range(n_mailings):
+        for copy in _bulk_copies(rnd, text, mailing, now):
+            msgs.insert(rnd.randrange(len(msgs) + 1), copy)
+    return msgs
 
 
 def big_message(size: int = 50_000_000, seed: int = 7) -> Message:

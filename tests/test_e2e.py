@@ -217,3 +217,44 @@ def test_scanmilter_stops_cleanly_on_sigterm(stack):
         stack.start_service("scanmilter")
     marker = uuid.uuid4().hex
     assert send(stack, make(f"after restart {marker}"))["code"] == 250
+
+
+def spamd_saw(stack, msgid_marker):
+    return f"mid=<{msgid_marker}@outside.test>" in stack.logs["spamd"].read_text(errors="replace")
+
+
+def summary_line(stack, marker):
+    """scanmilter's summary line of the message whose Message-ID is <marker@outside.test>."""
+    qid = re.search(rf"cleanup\[\d+\]: ([0-9A-Za-z]+): message-id=<{marker}@", stack.postfix_log()).group(1)
+    return next(line for line in stack.logs["scanmilter"].read_text().splitlines() if line.startswith(qid + ":"))
+
+
+def test_copies_of_a_bulk_mailing_are_scanned_once(stack):
+    marker = uuid.uuid4().hex
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    body = f"Our offers this week {marker}\n" + "Lots of words about products.\n" * 40
+    for rcpt, mid in (("bob@example.com", first), ("carol@example.com", second)):
+        data = make(f"Weekly offers {marker}", body=body, msgid=f"<{mid}@outside.test>")
+        assert send(stack, data, rcpt=rcpt)["code"] == 250
+    copies = []
+    deadline = time.monotonic() + 30
+    while len(copies) < 2 and time.monotonic() < deadline:
+        copies = [d for d in stack.delivered() if marker.encode() in d.data]
+        time.sleep(0.1)
+    assert len(copies) == 2
+    statuses = {header_lines(d.data, "X-Spam-Status")[0] for d in copies}
+    assert len(statuses) == 1                    # the same verdict on both copies
+    assert spamd_saw(stack, first) and not spamd_saw(stack, second)
+    assert "cached" not in summary_line(stack, first)
+    assert "cached=spamd,clamd" in summary_line(stack, second)
+
+
+def test_a_rejected_virus_is_never_sent_to_spamd(stack):
+    marker = uuid.uuid4().hex
+    r = send(stack, make(f"eicar-alone {marker}", body=stacklib.eicar().decode() + "\n",
+                         msgid=f"<{marker}@outside.test>"))
+    assert r["code"] == 550 and "Eicar-Test-Signature" in r["reply"], r
+    log = stack.logs["scanmilter"].read_text()
+    line = next(ln for ln in log.splitlines() if "Eicar-Test-Signature" in ln and "skipped=" in ln)
+    assert "action=reject, reason=virus" in line and "skipped=spamd:decided" in line, line
+    assert not spamd_saw(stack, marker)

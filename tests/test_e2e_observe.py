@@ -58,8 +58,8 @@ def test_metrics_move_by_exactly_the_expected_amounts(stack):
     before = scrape(stack)
     marker = uuid.uuid4().hex
     assert send(stack, make(f"clean {marker}"))["code"] == 250
-    assert send(stack, make("gtube", body=GTUBE + "\n"))["code"] == 550
-    assert send(stack, make("eicar", body=stacklib.eicar().decode() + "\n"))["code"] == 550
+    assert send(stack, make(f"gtube {marker}", body=GTUBE + "\n"))["code"] == 550
+    assert send(stack, make(f"eicar {marker}", body=stacklib.eicar().decode() + "\n"))["code"] == 550
     delivered_with(stack, marker)
     after = scrape(stack)
 
@@ -73,14 +73,25 @@ def test_metrics_move_by_exactly_the_expected_amounts(stack):
     assert delta("scanmilter_scans_total", engine="clamd", outcome="clean") == 2
     assert delta("scanmilter_scans_total", engine="clamd", outcome="found") == 1
     assert delta("scanmilter_scans_total", engine="spamd", outcome="found") == 1
-    for engine in ("clamd", "spamd"):
-        assert delta("scanmilter_scan_duration_seconds_count", engine=engine) == 3
+    # EICAR is rejected whatever its score: spamd is never asked about it
+    assert delta("scanmilter_scans_total", engine="spamd", outcome="skipped") == 1
+    assert delta("scanmilter_scan_duration_seconds_count", engine="clamd") == 3
+    assert delta("scanmilter_scan_duration_seconds_count", engine="spamd") == 2
     assert delta("scanmilter_decision_duration_seconds_count") == 3
     assert delta("scanmilter_message_size_bytes_count") == 3
-    assert delta("scanmilter_spam_score_count", direction="inbound") == 3
-    # cumulative buckets: the clean message and EICAR score low; GTUBE (1000) lies above 100
-    assert delta("scanmilter_spam_score_bucket", direction="inbound", le="100.0") == 2
-    assert delta("scanmilter_spam_score_bucket", direction="inbound", le="+Inf") == 3
+    assert delta("scanmilter_spam_score_count", direction="inbound") == 2
+    # cumulative buckets: the clean message scores low; GTUBE (1000) lies above 100
+    assert delta("scanmilter_spam_score_bucket", direction="inbound", le="100.0") == 1
+    assert delta("scanmilter_spam_score_bucket", direction="inbound", le="+Inf") == 2
+    assert delta("scanmilter_scan_cache_hits_total", engine="spamd") == 0
+    # a second copy of the clean message (another Message-ID and recipient) comes from the cache
+    copy = make(f"clean {marker}").replace(b"To: bob@example.com", b"To: carol@example.com")
+    assert send(stack, copy)["code"] == 250
+    again = scrape(stack)
+    for engine in ("clamd", "spamd"):
+        hits, scans = "scanmilter_scan_cache_hits_total", "scanmilter_scan_duration_seconds_count"
+        assert get(again, hits, engine=engine) - get(after, hits, engine=engine) == 1
+        assert get(again, scans, engine=engine) == get(after, scans, engine=engine)
     assert get(after, "scanmilter_engine_up", engine="clamd") == 1
     assert get(after, "scanmilter_build_info", version=__import__("scanmilter").__version__,
                python=__import__("platform").python_version()) == 1

@@ -44,3 +44,11 @@ def test_every_dashboard_query_names_exported_metrics():
     titles = " ".join(p["title"].lower() for p in dash["panels"])
     for topic in ("action", "latency", "failure", "quarantine", "health"):
         assert topic in titles
+
+
+def test_readme_lists_every_metric():
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    for fam in Metrics(CollectorRegistry()).registry.collect():
+        name = fam.name + {"counter": "_total", "info": "_info"}.get(fam.type, "")
+        assert f"| `{name}` |" in readme, name

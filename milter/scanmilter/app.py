@@ -18,6 +18,7 @@ from .logs import log
 from .health import Health
 from .metrics import Metrics
 from .pipeline import Pipeline, scan_pool
+from .scancache import ScanCache
 from .scanners.clamd import ClamdScanner
 from .scanners.spamd import SpamdScanner
 
@@ -49,6 +50,11 @@ def build_engines(cfg) -> list:
         engines.append(ClamdScanner(config.parse_client_socket(cfg.clamd_socket), cfg.clamd_connect_timeout,
                                     cfg.clamd_timeout, cfg.clamd_size_limit))
     return engines
+
+
+def build_pipeline(cfg, pool, health, metrics) -> Pipeline:
+    return Pipeline(build_engines(cfg), pool, health, metrics,
+                    ScanCache(cfg.scan_cache_seconds, cfg.scan_cache_entries), cfg.clamd_head_start)
 
 
 def load_all(config_path: str | None):
@@ -120,7 +126,7 @@ def serve(config_path: str | None) -> int:
         removed = store.recover(min_age=0)    # no writer of ours is running yet
         if removed:
             log.warning("quarantine: removed %d file(s) left by an interrupted write", removed)
-    pipeline = Pipeline(build_engines(cfg), scan_pool(cfg.scan_threads), health, metrics)
+    pipeline = build_pipeline(cfg, scan_pool(cfg.scan_threads), health, metrics)
     runtime = Runtime(cfg, policy, pipeline, store, metrics)
     Milter.factory = lambda: Handler(runtime)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT)
@@ -182,7 +188,7 @@ def reload(runtime, config_path: str | None) -> bool:
     # Plain attribute swaps: a message reads each once, so it sees the old or the new whole.
     old = runtime.pipeline
     old.health.failure_threshold, old.health.retry_interval = cfg.engine_failure_threshold, cfg.engine_retry_interval
-    runtime.pipeline = Pipeline(build_engines(cfg), old.pool, old.health, old.metrics)
+    runtime.pipeline = build_pipeline(cfg, old.pool, old.health, old.metrics)   # an empty cache too
     runtime.cfg, runtime.policy, runtime.store = cfg, policy, store
     logging.getLogger("scanmilter").setLevel(cfg.log_level.upper())
     runtime.metrics.reloads.labels("ok").inc()
@@ -208,6 +214,11 @@ def check(runtime) -> None:
         if engine.name == "clamd" and not problem:
             version = engine.version()
             if version:
+                if runtime.clamd_db_version not in (None, version[0]):
+                    gone = pipeline.cache.forget("clamd")
+                    log.info("clamd signature database %s -> %s: %d cached clamd result(s) dropped",
+                             runtime.clamd_db_version, version[0], gone)
+                runtime.clamd_db_version = version[0]
                 m.clamav_db_version.set(version[0])
                 m.clamav_db_time.set(version[1])
     if runtime.store is not None:

@@ -107,6 +107,13 @@ DAEMON_SETTINGS = [
             "failures in a row after which an engine is skipped at once (circuit open) instead of waited for"),
     Setting("engine_retry_interval", 10.0, "seconds",
             "while the circuit is open, one message tries the engine again this often"),
+    Setting("scan_cache_seconds", 600.0, "seconds",
+            "results of a message are reused for identical copies (same client, From, Subject and body) "
+            "this long; 0: off"),
+    Setting("scan_cache_entries", 20000, "count", "most results kept in the scan cache (oldest go first)"),
+    Setting("clamd_head_start", 0.1, "seconds",
+            "spamd waits this long for clamd; mail clamd finds infected and policy refuses is never sent "
+            "to spamd; 0: both at once"),
     Setting("clamd_enabled", True, "switch", "scan for viruses with clamd"),
     Setting("clamd_socket", "unix:/run/clamav/clamd.ctl", "socket",
             "clamd's address: unix:/path or inet:HOST:PORT", check=_client_socket),

@@ -17,6 +17,7 @@ from . import policy as P
 from . import transport
 from .logs import escape, log, summary
 from .message import Connection, Message, Spool
+from .scancache import Fingerprint
 from .metrics import Metrics
 
 INTERNAL_ERROR_REPLY = ("451", "4.7.1", "Internal error in the content filter, please try again later")
@@ -43,6 +44,7 @@ class Runtime:
         self._lock = threading.Lock()
         self.in_flight = 0
         self.tcp = transport.is_tcp(cfg.milter_socket)   # milter_socket changes only with a restart
+        self.clamd_db_version: int | None = None          # as last read by the monitor
 
     def begin(self) -> None:
         with self._lock:
@@ -114,6 +116,8 @@ class Handler(Milter.Base):
         spool = Spool(cfg.spool_memory_limit, cfg.message_size_limit, cfg.spool_directory or None)
         self.msg = Message(sender.strip("<>"), spool, auth_user=self.getsymval("{auth_authen}") or "",
                            policy=self.rt.policy)
+        if self.rt.pipeline.cache.enabled:
+            self.msg.fingerprint = Fingerprint(self.conn.client_address)
         names = self.msg.policy.header_names()
         self._keep = lambda name: name in names or name.startswith(P.VERDICT_HEADER_PREFIXES)
         self.rt.begin()
@@ -159,7 +163,8 @@ class Handler(Milter.Base):
         conn = self.conn
         envelope = P.Envelope(conn.client_address, msg.auth_user, conn.daemon_name, msg.sender,
                               tuple(msg.recipients))
-        inspection = self.rt.pipeline.inspect(msg.spool, envelope, msg.policy)
+        key = msg.fingerprint.digest() if msg.fingerprint else None
+        inspection = self.rt.pipeline.inspect(msg.spool, envelope, msg.policy, key)
         outcome, verdict = inspection.outcome, inspection.verdict
         action, reply = outcome.action, outcome.reply
         held = ""

@@ -87,6 +87,11 @@ def summary(queue_id: str, action: str, outcome, verdict, sender: str, recipient
     parts += [f"size={size}", f"ms={ms:.0f}"]
     if client:
         parts.append(f"client={escape(client)}")
+    if verdict.cached:
+        parts.append(f"cached={','.join(verdict.cached)}")
+    skipped = ",".join(f"{e}:{d}" for e, d in verdict.skipped)
+    if skipped:
+        parts.append(f"skipped={escape(skipped)}")
     failures = "; ".join(f"{e} {d}" for e, d in verdict.failed)
     if failures:
         parts.append(f"failed={escape(failures)}")

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .scancache import Fingerprint
+
 
 class Spool:
     """The message as received (header lines, blank line, body), bounded in memory.
@@ -141,6 +143,7 @@ class Message:
     seen: list[Seen] = field(default_factory=list)
     header_count: int = 0
     started: float = field(default_factory=time.monotonic)
+    fingerprint: Fingerprint | None = None   # for the scan cache, when it is on
     _counts: dict[str, int] = field(default_factory=dict)
 
     def add_recipient(self, raw: str) -> None:
@@ -155,6 +158,8 @@ class Message:
         index = self._counts[key] = self._counts.get(key, 0) + 1
         if keep(key):
             self.seen.append(Seen(name, index, value))
+        if self.fingerprint is not None:
+            self.fingerprint.header(key, value)
         self.spool.write(name.encode("ascii", "replace") + b":" + value + b"\r\n")
 
     def end_headers(self) -> None:
@@ -162,6 +167,8 @@ class Message:
 
     def add_body(self, chunk: bytes) -> None:
         self.spool.write(chunk)
+        if self.fingerprint is not None:
+            self.fingerprint.body(chunk)
 
     @property
     def size(self) -> int:

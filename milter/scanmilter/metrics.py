@@ -33,6 +33,9 @@ class Metrics:
                                           registry=r)
         self.scans = Counter("scanmilter_scans_total", "Scan results by engine and outcome",
                              ["engine", "outcome"], registry=r)
+        self.scan_cache_hits = Counter("scanmilter_scan_cache_hits_total",
+                                       "Scan results taken from the cache of recently scanned messages",
+                                       ["engine"], registry=r)
         self.scan_errors = Counter("scanmilter_scan_errors_total", "Failed scans by engine and kind",
                                    ["engine", "kind"], registry=r)
         self.engine_up = Gauge("scanmilter_engine_up", "1 when the engine answered its latest scan or check",

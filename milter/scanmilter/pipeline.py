@@ -3,6 +3,11 @@
 clamd and spamd scan the same spool at the same time (each through its own reader), so a
 message costs about the time of the slower engine, not the sum. The calling thread runs
 one engine itself and the shared pool runs the others: no thread is created per message.
+
+Two ways of not scanning at all: a repeat of a recently scanned message takes the earlier
+results from the cache (scancache.py), and clamd gets a head start of clamd_head_start
+seconds so that a message it finds infected, and that policy will refuse whatever its spam
+score, is never sent to spamd, the expensive engine.
 """
 from __future__ import annotations
 
@@ -12,12 +17,15 @@ from dataclasses import dataclass
 
 from . import policy as policy_mod
 from .health import breaker_result
-from .scanners import ERROR, SKIPPED, TIMEOUT, ScanResult, error_kind
+from .scancache import CACHED, ScanCache
+from .scanners import ERROR, FOUND, SKIPPED, TIMEOUT, ScanResult, error_kind
 from .verdict import Verdict, combine
 
 # Time the pipeline grants past an engine's own timeout before giving up on its thread
 # (the engine's socket timeouts end the thread itself shortly after).
 DEADLINE_GRACE = 1.0
+HEAD_START_ENGINE = "clamd"     # the quick engine whose verdict can make the others needless
+DECIDED = "decided"             # skip reason: the verdict was final without this engine
 
 
 @dataclass(frozen=True)
@@ -34,15 +42,29 @@ def scan_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
 
 
 class Pipeline:
-    def __init__(self, engines: list, pool: concurrent.futures.ThreadPoolExecutor, health=None, metrics=None):
+    def __init__(self, engines: list, pool: concurrent.futures.ThreadPoolExecutor, health=None, metrics=None,
+                 cache: ScanCache | None = None, head_start: float = 0.0):
         self.engines, self.pool, self.health, self.metrics = engines, pool, health, metrics
+        self.cache = cache if cache is not None else ScanCache(0, 0)
+        self.head_start = head_start
 
-    def _scan_one(self, engine, spool) -> ScanResult:
+    def _scan_one(self, engine, spool, key: bytes | None = None) -> ScanResult:
+        if key is not None:
+            cached = self.cache.get(engine.name, key)
+            if cached is not None:
+                return cached
         if self.health is not None and self.health.is_open(engine.name):
             return breaker_result(engine.name)       # a dead engine costs nothing while its circuit is open
-        return engine.scan(spool)
+        result = engine.scan(spool)
+        if key is not None:
+            self.cache.put(engine.name, key, result)
+        return result
 
     def _observe(self, result: ScanResult) -> None:
+        if result.detail == CACHED:      # no engine was asked: says nothing of its health or speed
+            if self.metrics is not None:
+                self.metrics.scan_cache_hits.labels(result.engine).inc()
+            return
         if self.health is not None:
             self.health.record(result)
         m = self.metrics
@@ -53,7 +75,10 @@ class Pipeline:
             elif result.outcome != SKIPPED:
                 m.scan_seconds.labels(result.engine).observe(result.seconds)
 
-    def scan(self, spool, wanted: set[str] | None = None) -> list[ScanResult]:
+    def scan(self, spool, wanted: set[str] | None = None, key: bytes | None = None,
+             final=None) -> list[ScanResult]:
+        """Results in the order of self.engines. `key`: the message's fingerprint for the cache.
+        `final(results)`: whether the head-start engine's result alone settles the message."""
         engines = [e for e in self.engines if wanted is None or e.name in wanted]
         if not engines:
             return []
@@ -61,23 +86,48 @@ class Pipeline:
             # Part of a message is not the message: an engine could call a truncated zip clean.
             return [ScanResult(e.name, SKIPPED, "oversize") for e in engines]
         start = time.monotonic()
-        others = [(e, self.pool.submit(self._scan_one, e, spool)) for e in engines[1:]]
-        results = [self._scan_one(engines[0], spool)]
-        for engine, future in others:
+        done: dict[str, ScanResult] = {}
+        running: list[tuple[object, concurrent.futures.Future]] = []
+        lead = next((e for e in engines if e.name == HEAD_START_ENGINE), None)
+        if lead is not None and len(engines) > 1 and final is not None and self.head_start > 0:
+            future = self.pool.submit(self._scan_one, lead, spool, key)
+            try:
+                done[lead.name] = future.result(timeout=self.head_start)
+            except concurrent.futures.TimeoutError:
+                running.append((lead, future))      # slow today: the others start now, in parallel
+            else:
+                if done[lead.name].outcome == FOUND and final([done[lead.name]]):
+                    for e in engines:
+                        done.setdefault(e.name, ScanResult(e.name, SKIPPED, DECIDED))
+        todo = [e for e in engines if e.name not in done and all(e is not r for r, _ in running)]
+        if todo:
+            running += [(e, self.pool.submit(self._scan_one, e, spool, key)) for e in todo[1:]]
+            done[todo[0].name] = self._scan_one(todo[0], spool, key)
+        for engine, future in running:
             left = start + engine.timeout + DEADLINE_GRACE - time.monotonic()
             try:
-                results.append(future.result(timeout=max(left, 0)))
+                done[engine.name] = future.result(timeout=max(left, 0))
             except concurrent.futures.TimeoutError:
                 future.cancel()
-                results.append(ScanResult(engine.name, ERROR, f"{TIMEOUT}: no result in time",
-                                          time.monotonic() - start))
+                done[engine.name] = ScanResult(engine.name, ERROR, f"{TIMEOUT}: no result in time",
+                                               time.monotonic() - start)
+        results = [done[e.name] for e in self.engines if e.name in done]
         for result in results:
             self._observe(result)
         return results
 
-    def inspect(self, spool, envelope: policy_mod.Envelope, policy: policy_mod.Policy) -> Inspection:
+    def inspect(self, spool, envelope: policy_mod.Envelope, policy: policy_mod.Policy,
+                key: bytes | None = None) -> Inspection:
         start = time.monotonic()
-        results = self.scan(spool, policy_mod.engines_needed(envelope, policy))
+        needed = policy_mod.engines_needed(envelope, policy)
+
+        def final(partial: list[ScanResult]) -> bool:
+            rest = [ScanResult(e.name, SKIPPED, DECIDED) for e in self.engines
+                    if e.name in needed and all(r.engine != e.name for r in partial)]
+            return policy_mod.refused_whatever_the_score(
+                policy_mod.decide(combine(partial + rest, oversize=spool.oversize), envelope, policy))
+
+        results = self.scan(spool, needed, key, final)
         verdict = combine(results, oversize=spool.oversize)
         outcome = policy_mod.decide(verdict, envelope, policy)
         return Inspection(tuple(results), verdict, outcome, time.monotonic() - start)

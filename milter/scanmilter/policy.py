@@ -201,6 +201,12 @@ def engines_needed(env: Envelope, policy: Policy) -> set[str]:
     return needed
 
 
+def refused_whatever_the_score(outcome: Outcome) -> bool:
+    """True when no recipient's fate depends on a spam score: each is refused or held for a
+    virus, or blocked. A virus that is only tagged still needs the score for the headers."""
+    return all(d.reason in ("virus", "blocked") and d.action != ACCEPT for d in outcome.recipients)
+
+
 def virus_action(name: str, policy: Policy, default: str) -> tuple[str, str]:
     """(action, why) for one signature: an exact [virus_classes] entry, else the longest matching
     pattern, else the direction's virus_action."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .scanners import ERROR, FOUND, SKIPPED, ScanResult
+from .scancache import CACHED
+from .scanners import CLEAN, ERROR, FOUND, SKIPPED, ScanResult
 
 # Names that travel into headers, replies and log lines: keep a safe alphabet only,
 # so a hostile engine reply can never inject a header line or a terminal escape.
@@ -25,6 +26,7 @@ class Verdict:
     skipped: tuple[tuple[str, str], ...] = ()    # (engine, reason)
     engines: tuple[str, ...] = ()                # engines asked, in order
     oversize: bool = False
+    cached: tuple[str, ...] = ()                 # engines whose result came from the scan cache
 
     def status_of(self, engine: str) -> str:
         """clean | failed | skipped | absent, from the point of view of one engine."""
@@ -38,9 +40,11 @@ class Verdict:
 
 
 def combine(results: list[ScanResult], oversize: bool = False) -> Verdict:
-    viruses, rules, failed, skipped = [], [], [], []
+    viruses, rules, failed, skipped, cached = [], [], [], [], []
     score = required = None
     for r in results:
+        if r.detail == CACHED and r.outcome in (CLEAN, FOUND):
+            cached.append(r.engine)
         if r.outcome == ERROR:
             failed.append((r.engine, r.detail))
         elif r.outcome == SKIPPED:
@@ -51,4 +55,4 @@ def combine(results: list[ScanResult], oversize: bool = False) -> Verdict:
             score, required = r.score, r.required
             rules += [safe_name(x) for x in r.rules]
     return Verdict(tuple(viruses), score, required, tuple(rules), tuple(failed), tuple(skipped),
-                   tuple(r.engine for r in results), oversize)
+                   tuple(r.engine for r in results), oversize, tuple(cached))
