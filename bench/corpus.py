@@ -1,6 +1,6 @@
 """The benchmark's mail corpus, generated at run time from a fixed seed (nothing is stored).
 
-    ham    ~92%  real-looking business mail, 2-50 KB (log-uniform): plain text, some
+    ham    ~87%  real-looking business mail, 2-50 KB (log-uniform): plain text, some
                  multipart/alternative with an HTML part, some with a small binary attachment,
                  some replies quoting earlier text; 1-3 Received headers from outside relays
     spam    5%   the same kind of text with the GTUBE string in the body (SpamAssassin scores 1000)

@@ -116,7 +116,8 @@ class Handler(Milter.Base):
         spool = Spool(cfg.spool_memory_limit, cfg.message_size_limit, cfg.spool_directory or None)
         self.msg = Message(sender.strip("<>"), spool, auth_user=self.getsymval("{auth_authen}") or "",
                            policy=self.rt.policy)
-        if self.rt.pipeline.cache.enabled:
+        pipeline = self.rt.pipeline
+        if pipeline.cache.enabled and pipeline.engines:
             self.msg.fingerprint = Fingerprint(self.conn.client_address)
         names = self.msg.policy.header_names()
         self._keep = lambda name: name in names or name.startswith(P.VERDICT_HEADER_PREFIXES)
