@@ -1,6 +1,7 @@
 """End to end: held mail through real Postfix, reviewed and released with the quarantine CLI."""
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,8 @@ reject_level = 1000.0
 def stack():
     root = tempfile.mkdtemp(prefix="scanmilter-e2e-q-")
     s = stacklib.Stack(root, smtp_port=stacklib.free_port(), policy_text=POLICY,
-                       scanmilter_settings={"quarantine_directory": f"{root}/quarantine"})
+                       scanmilter_settings={"quarantine_directory": f"{root}/quarantine",
+                                            "engine_check_interval": 0.5})
     s.start()
     yield s
     s.stop()
@@ -45,6 +47,22 @@ def entries(stack, *filters):
     r = cli(stack, "list", "--json", *filters)
     assert r.returncode == 0, r.stderr
     return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def actions(stack) -> dict:
+    """scanmilter_quarantine_actions_total by action, as the daemon exports them."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10).read().decode()
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'^scanmilter_quarantine_actions_total\{action="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def wait_actions(stack, want: dict, timeout=10):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if all(actions(stack).get(k) == v for k, v in want.items()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{actions(stack)} != {want}")
 
 
 def hold(stack, marker, rcpts=("bob@example.com",)):
@@ -73,6 +91,7 @@ def test_held_message_is_listed_shown_released_once_and_deleted(stack):
     raw = cli(stack, "show", entry["id"], "--raw").stdout
     assert marker in raw and "X-Virus-Status" not in raw                          # as received
 
+    before = actions(stack)
     rel = cli(stack, "release", entry["id"], "--by", "postmaster")
     assert rel.returncode == 0, rel.stderr
     d = delivered_with(stack, marker)
@@ -90,6 +109,9 @@ def test_held_message_is_listed_shown_released_once_and_deleted(stack):
     assert cli(stack, "delete", entry["id"]).returncode == 0
     assert cli(stack, "show", entry["id"]).returncode == 1
     assert entry["id"] not in cli(stack, "list").stdout
+    # the refused second release counts nothing
+    wait_actions(stack, {"release": before["release"] + 1, "delete": before["delete"] + 1,
+                         "purge": before["purge"]})
 
 
 def test_mixed_recipients_are_split_and_the_held_copy_kept(stack):

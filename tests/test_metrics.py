@@ -2,7 +2,7 @@
 import json
 import re
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from conftest import ROOT
 from scanmilter.metrics import Metrics
@@ -26,6 +26,15 @@ def test_names_units_and_labels():
     for fam in m.registry.collect():
         for sample in fam.samples:
             assert set(sample.labels) <= ALLOWED_LABELS, (sample.name, sample.labels)
+
+
+def test_quarantine_actions_are_counters_from_the_store_tallies():
+    m = Metrics(CollectorRegistry())
+    m.quarantine_actions.set({"release": 2, "delete": 1, "purge": 0})
+    text = generate_latest(m.registry).decode()
+    assert "# TYPE scanmilter_quarantine_actions_total counter" in text
+    assert 'scanmilter_quarantine_actions_total{action="release"} 2.0' in text
+    assert 'scanmilter_quarantine_actions_total{action="purge"} 0.0' in text
 
 
 def test_private_registries_do_not_collide():

@@ -112,6 +112,16 @@ def test_filters_delete_purge_and_stats(tmp_path):
     store.delete(new)
     with pytest.raises(Q.NotFound):
         store.delete(new)
+    # what the daemon exports as scanmilter_quarantine_actions_total; a failed delete counts nothing
+    assert store.tallies() == {"release": 0, "delete": 1, "purge": 1}
+    assert Q.Store(str(tmp_path / "q")).tallies() == {"release": 0, "delete": 1, "purge": 1}   # shared
+
+
+def test_tallies_survive_a_reindex(tmp_path):
+    store = Q.Store(str(tmp_path / "q"))
+    store.delete(put(store))
+    store.reindex()
+    assert store.tallies()["delete"] == 1
 
 
 def test_release_failure_leaves_the_entry_intact(tmp_path):
@@ -120,6 +130,7 @@ def test_release_failure_leaves_the_entry_intact(tmp_path):
     with pytest.raises(Q.ReleaseError, match="release endpoint"):
         Q.release(store, entry_id, ("127.0.0.1", 9), "me", timeout=2)        # nothing listens on port 9
     assert store.get(entry_id).meta["released"] == []
+    assert store.tallies()["release"] == 0
     with pytest.raises(Q.ReleaseError, match="not among the entry's recipients"):
         Q.release(store, entry_id, ("127.0.0.1", 9), "me", to=["stranger@x.test"])
 

@@ -230,6 +230,7 @@ def check(runtime) -> None:
             m.quarantine_bytes.labels(reason).set(v["bytes"])
         m.quarantine_oldest.set(time.time() - stats["oldest"] if stats["oldest"] else 0)
         m.quarantine_released.set(stats["released"])
+        m.quarantine_actions.set(runtime.store.tallies())
 
 
 def drain(runtime, timeout: float) -> int:

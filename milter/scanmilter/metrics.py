@@ -9,12 +9,33 @@ from __future__ import annotations
 import platform
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 from . import __version__
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 SCORE_BUCKETS = (-5, 0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100)
 SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+
+
+class QuarantineActions:
+    """Releases, deletions and purges of held entries. The quarantine command does them in its
+    own process and counts them in the store's index; the daemon reads the tallies between
+    messages and exports them here as counters."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.counts: dict[str, int] = {}
+        registry.register(self)
+
+    def set(self, counts: dict[str, int]) -> None:
+        self.counts = dict(counts)
+
+    def collect(self):
+        family = CounterMetricFamily("scanmilter_quarantine_actions", "Held entries released, deleted or purged "
+                                     "with the quarantine command", labels=["action"])
+        for action, count in sorted(self.counts.items()):
+            family.add_metric([action], count)
+        yield family
 
 
 class Metrics:
@@ -59,6 +80,7 @@ class Metrics:
                                          "Held entries that were released at least once", registry=r)
         self.quarantine_stored = Counter("scanmilter_quarantine_stored_total", "Entries written, by reason",
                                          ["reason"], registry=r)
+        self.quarantine_actions = QuarantineActions(r)
         self.quarantine_failures = Counter("scanmilter_quarantine_store_failures_total",
                                            "Writes to the quarantine that failed (the message was tempfailed)",
                                            registry=r)

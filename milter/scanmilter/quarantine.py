@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS entries (
     id TEXT PRIMARY KEY, time REAL, queue_id TEXT, sender TEXT, recipients TEXT, reason TEXT,
     score REAL, viruses TEXT, size INTEGER, direction TEXT, released_at REAL, meta TEXT);
 CREATE INDEX IF NOT EXISTS entries_time ON entries(time);
+CREATE TABLE IF NOT EXISTS tallies (action TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
+ACTIONS = ("release", "delete", "purge")    # what the quarantine command counts, for the metrics
 
 
 class StoreError(Exception):
@@ -187,7 +189,8 @@ class Store:
             os.close(dfd)
         self._index(entry.meta)
 
-    def delete(self, entry_id: str) -> None:
+    def delete(self, entry_id: str, action: str = "delete") -> None:
+        """Remove an entry; `action` (delete or purge) is what gets counted."""
         self.get(entry_id)
         dfd = self._dirfd()
         try:
@@ -201,6 +204,20 @@ class Store:
             os.close(dfd)
         with self._db() as db:
             db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+        self.count(action)
+
+    def count(self, action: str) -> None:
+        """One more release, delete or purge. The commands run in their own processes: the tally
+        lives in the index, where the daemon reads it for its metrics (a lost index restarts it
+        from zero, which Prometheus treats as a counter reset)."""
+        with self._db() as db:
+            db.execute("INSERT INTO tallies VALUES (?, 1) ON CONFLICT(action) DO UPDATE SET count = count + 1",
+                       (action,))
+
+    def tallies(self) -> dict[str, int]:
+        counts = dict.fromkeys(ACTIONS, 0)
+        counts.update(self._db().execute("SELECT action, count FROM tallies").fetchall())
+        return counts
 
     def select(self, reason: str = "", sender: str = "", recipient: str = "", since: float | None = None,
                before: float | None = None) -> list[Entry]:
@@ -311,6 +328,7 @@ def release(store: Store, entry_id: str, address: tuple[str, int], by: str, to: 
                                                    for r, (c, m) in refused.items()))
     entry.meta.setdefault("released", []).append({"at": time.time(), "by": by, "to": chosen})
     store.update(entry)
+    store.count("release")
     return chosen
 
 
@@ -323,5 +341,5 @@ def purge(store: Store, older_than: float, dry_run: bool = False) -> list[Entry]
     old = store.select(before=time.time() - older_than)
     if not dry_run:
         for entry in old:
-            store.delete(entry.id)
+            store.delete(entry.id, action="purge")
     return old
