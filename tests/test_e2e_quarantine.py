@@ -29,7 +29,7 @@ reject_level = 1000.0
 @pytest.fixture(scope="module")
 def stack():
     root = tempfile.mkdtemp(prefix="scanmilter-e2e-q-")
-    s = stacklib.Stack(root, smtp_port=stacklib.free_port(), policy_text=POLICY,
+    s = stacklib.Stack(root, smtp_port=stacklib.free_port(), policy_text=POLICY, spamd_learning=True,
                        scanmilter_settings={"quarantine_directory": f"{root}/quarantine",
                                             "engine_check_interval": 0.5})
     s.start()
@@ -112,6 +112,29 @@ def test_held_message_is_listed_shown_released_once_and_deleted(stack):
     # the refused second release counts nothing
     wait_actions(stack, {"release": before["release"] + 1, "delete": before["delete"] + 1,
                          "purge": before["purge"]})
+
+
+def test_spamd_learns_from_release_and_confirm(stack):
+    ham_marker, spam_marker = uuid.uuid4().hex, uuid.uuid4().hex
+    for m in (ham_marker, spam_marker):
+        assert hold(stack, m)[1]["code"] == 250
+    ids = {m: next(e["id"] for e in entries(stack) if m in e["subject"]) for m in (ham_marker, spam_marker)}
+    before = actions(stack)
+    rel = cli(stack, "release", ids[ham_marker], "--learn-ham", "--by", "postmaster")
+    assert rel.returncode == 0, rel.stderr
+    assert rel.stdout.splitlines()[-1] == f"{ids[ham_marker]}: learned as ham"
+    delivered_with(stack, ham_marker)
+    first = cli(stack, "confirm", ids[spam_marker], "--by", "postmaster")
+    assert first.returncode == 0 and first.stdout.strip() == f"{ids[spam_marker]}: learned as spam", first
+    again = cli(stack, "confirm", ids[spam_marker])
+    assert again.returncode == 0 and "spamd knew it already" in again.stdout, again
+    shown = json.loads(cli(stack, "show", ids[spam_marker], "--json").stdout)
+    assert [x["as"] for x in shown["learned"]] == ["spam", "spam"] and shown["learned"][0]["by"] == "postmaster"
+    assert ids[spam_marker] in cli(stack, "list").stdout                 # a confirmed entry stays held
+    # what spamd learned is in its Bayes database
+    assert {"bayes_seen", "bayes_toks"} <= {p.name for p in (stack.root / "spamd/home/bayes").iterdir()}
+    wait_actions(stack, {"learn_ham": before["learn_ham"] + 1, "learn_spam": before["learn_spam"] + 2})
+    assert cli(stack, "confirm", "0" * 24).returncode == 1
 
 
 def test_mixed_recipients_are_split_and_the_held_copy_kept(stack):

@@ -176,3 +176,23 @@ def test_spamd_hang_times_out(tmp_path):
     srv = FakeServer(tmp_path, lambda s, c: (s.read_all(c), time.sleep(5)))
     result = spamd_scanner(srv.path, timeout=0.5).scan(spool_of(b"x"))
     assert result.outcome == "error" and result.detail.startswith("timeout")
+
+
+@pytest.mark.parametrize("reply, learned", [
+    (b"SPAMD/1.1 0 EX_OK\r\nDidSet: local\r\n\r\n", True),
+    (b"SPAMD/1.1 0 EX_OK\r\n\r\n", False),            # learned before: nothing set
+])
+def test_spamd_tell(tmp_path, reply, learned):
+    srv = FakeServer(tmp_path, spamd_behave(reply))
+    assert spamd_scanner(srv.path).tell(b"Subject: x\r\n\r\nbuy\r\n", "spam") is learned
+    assert srv.received[0] == (b"TELL SPAMC/1.5\r\nMessage-class: spam\r\nSet: local\r\nContent-length: 19\r\n\r\n"
+                               b"Subject: x\r\n\r\nbuy\r\n")
+
+
+def test_spamd_tell_refused_says_why(tmp_path):
+    srv = FakeServer(tmp_path, spamd_behave(
+        b"SPAMD/1.0 69 Service Unavailable: TELL commands are not enabled, set the --allow-tell switch.\r\n"))
+    with pytest.raises(S.EngineError, match="69: Service Unavailable: TELL commands are not enabled"):
+        spamd_scanner(srv.path).tell(b"x", "ham")
+    with pytest.raises(S.EngineError, match="over spamd_size_limit"):
+        spamd_scanner(srv.path, size_limit=10).tell(b"x" * 11, "ham")

@@ -138,13 +138,14 @@ def _chown(path, user):
 class Stack:
     def __init__(self, root, *, smtp_port=2525, with_milter=True, milter_cmd=None,
                  scanmilter_settings=None, policy_text=None, spamd_children=2, clamd_settings=None,
-                 milter_inet_port=None):
+                 milter_inet_port=None, spamd_learning=False):
         self.root = Path(root).resolve()
         self.smtp_port, self.with_milter, self.spamd_children = smtp_port, with_milter, spamd_children
         self.milter_cmd = milter_cmd  # list of str; "{socket}", "{config}", "{root}" are filled in
         self.scanmilter_settings = dict(scanmilter_settings or {})
         self.clamd_settings = dict(clamd_settings or {})
         self.policy_text = policy_text
+        self.spamd_learning = spamd_learning   # Bayes on and TELL allowed (quarantine learning tests)
         self.sink_port, self.spamd_port, self.clamd_port = free_port(), free_port(), free_port()
         # quarantine releases re-inject here: an smtpd without milters, as the README documents
         self.release_port = free_port()
@@ -206,8 +207,8 @@ class Stack:
         site = r / "spamd/site"
         for pre in Path("/etc/spamassassin").glob("*.pre"):
             shutil.copy(pre, site / pre.name)
-        (site / "local.cf").write_text("""\
-use_bayes 0
+        bayes = f"use_bayes 1\nbayes_path {r}/spamd/home/bayes/bayes\n" if self.spamd_learning else "use_bayes 0\n"
+        (site / "local.cf").write_text(bayes + """\
 bayes_auto_learn 0
 skip_rbl_checks 1
 dns_available no
@@ -302,7 +303,8 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
             return [_bin("spamd"), "--local", "-4", "-i", "127.0.0.1", "-p", str(self.spamd_port),
                     "-A", "127.0.0.1", "-m", str(self.spamd_children), "-u", "debian-spamd",
                     "--nouser-config", "-H", str(r / "spamd/home"), "--siteconfigpath", str(r / "spamd/site"),
-                    "-r", str(r / "spamd/spamd.pid"), "-s", str(self.logs["spamd"])]
+                    "-r", str(r / "spamd/spamd.pid"), "-s", str(self.logs["spamd"])] \
+                + (["--allow-tell"] if self.spamd_learning else [])
         if name == "sink":
             return [_bin("smtp-sink"), "-u", "postfix", "-d", f"{self.delivered_dir}/%Y%m%d%H%M%S.",
                     f"127.0.0.1:{self.sink_port}", "256"]

@@ -19,7 +19,7 @@ SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67
 
 
 class QuarantineActions:
-    """Releases, deletions and purges of held entries. The quarantine command does them in its
+    """Releases, deletions, purges and learning of held entries. The quarantine command does them in its
     own process and counts them in the store's index; the daemon reads the tallies between
     messages and exports them here as counters."""
 
@@ -31,8 +31,9 @@ class QuarantineActions:
         self.counts = dict(counts)
 
     def collect(self):
-        family = CounterMetricFamily("scanmilter_quarantine_actions", "Held entries released, deleted or purged "
-                                     "with the quarantine command", labels=["action"])
+        family = CounterMetricFamily("scanmilter_quarantine_actions",
+                                     "What the quarantine command did to held entries: "
+                                     "release, delete, purge, learn_ham, learn_spam", labels=["action"])
         for action, count in sorted(self.counts.items()):
             family.add_metric([action], count)
         yield family

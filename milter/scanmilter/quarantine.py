@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_time ON entries(time);
 CREATE TABLE IF NOT EXISTS tallies (action TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
-ACTIONS = ("release", "delete", "purge")    # what the quarantine command counts, for the metrics
+# what the quarantine command counts, for the metrics
+ACTIONS = ("release", "delete", "purge", "learn_ham", "learn_spam")
 
 
 class StoreError(Exception):
@@ -330,6 +331,18 @@ def release(store: Store, entry_id: str, address: tuple[str, int], by: str, to: 
     store.update(entry)
     store.count("release")
     return chosen
+
+
+def learn(store: Store, entry_id: str, spamd, message_class: str, by: str) -> bool:
+    """Tell spamd's Bayes filter that an entry is ham or spam and note it in the entry; True when
+    spamd learned, False when it knew the message already. spamd's errors pass through
+    (scanners.EngineError, OSError)."""
+    entry = store.get(entry_id)
+    learned = spamd.tell(store.message(entry_id), message_class)
+    entry.meta.setdefault("learned", []).append({"at": time.time(), "by": by, "as": message_class})
+    store.update(entry)
+    store.count(f"learn_{message_class}")
+    return learned
 
 
 def _token(text: str) -> str:

@@ -1,5 +1,6 @@
 """`scanmilter quarantine ...`: review held mail the way `mailq`, `postqueue` and `postsuper` review
-the Postfix queue. Exit codes: 0 done, 1 not found, 2 usage, 3 release failed."""
+the Postfix queue. Exit codes: 0 done, 1 not found, 2 usage, 3 release failed, 4 spamd did not
+learn (release --learn-ham, confirm)."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ import time
 from . import config, quarantine
 from .logs import escape
 
-EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_RELEASE_FAILED = 0, 1, 2, 3
+EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_RELEASE_FAILED, EXIT_LEARN_FAILED = 0, 1, 2, 3, 4
 DEFAULT_CONFIG = "/etc/scanmilter/scanmilter.toml"
 PREVIEW_LINES = 20          # lines of body text `show` prints
 SHOWN_HEADERS = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To")
@@ -176,7 +177,36 @@ def cmd_release(store, cfg, args) -> int:
         print(f"scanmilter: release {args.id}: {e}", file=sys.stderr)
         return EXIT_RELEASE_FAILED
     print(f"{args.id}: released to {', '.join(sent)}")
+    if args.learn_ham:
+        return _learn(store, cfg, [args.id], "ham", args.by)
     return EXIT_OK
+
+
+def _spamd(cfg):
+    from .scanners.spamd import SpamdScanner
+    return SpamdScanner(config.parse_client_socket(cfg.spamd_socket), cfg.spamd_connect_timeout,
+                        cfg.spamd_timeout, cfg.spamd_size_limit, cfg.spamd_oversize_action, cfg.spamd_user)
+
+
+def _learn(store, cfg, ids, message_class: str, by: str) -> int:
+    from .scanners import EngineError
+    spamd, failed, missing = _spamd(cfg), 0, 0
+    for entry_id in ids:
+        try:
+            fresh = quarantine.learn(store, entry_id, spamd, message_class, by)
+        except quarantine.NotFound as e:
+            print(f"scanmilter: {e}", file=sys.stderr)
+            missing += 1
+        except (EngineError, OSError) as e:
+            print(f"scanmilter: {entry_id}: spamd did not learn it as {message_class}: {e}", file=sys.stderr)
+            failed += 1
+        else:
+            print(f"{entry_id}: learned as {message_class}" + ("" if fresh else " (spamd knew it already)"))
+    return EXIT_LEARN_FAILED if failed else EXIT_NOT_FOUND if missing else EXIT_OK
+
+
+def cmd_confirm(store, cfg, args) -> int:
+    return _learn(store, cfg, args.ids, "spam", args.by)
 
 
 def cmd_delete(store, cfg, args) -> int:
@@ -250,7 +280,14 @@ def add_parser(sub) -> None:
     p.add_argument("--to", action="append", default=[], help="only this recipient (repeatable)")
     p.add_argument("--force", action="store_true", help="deliver again even if already released")
     p.add_argument("--by", default=getpass.getuser(), help="who releases (default: your login)")
+    p.add_argument("--learn-ham", action="store_true",
+                   help="also teach spamd's Bayes filter that it is ham (spamd --allow-tell)")
     p.set_defaults(run=cmd_release)
+    p = qs.add_parser("confirm", parents=[common],
+                      help="teach spamd's Bayes filter that entries are spam (spamd --allow-tell); they stay held")
+    p.add_argument("ids", nargs="+")
+    p.add_argument("--by", default=getpass.getuser(), help="who decides (default: your login)")
+    p.set_defaults(run=cmd_confirm)
     p = qs.add_parser("delete", parents=[common, filters], help="delete entries by id, or --all matching filters")
     p.add_argument("ids", nargs="*")
     p.add_argument("--all", action="store_true")

@@ -68,6 +68,40 @@ class SpamdScanner:
         return parse_reply(reply)
 
 
+    def tell(self, data: bytes, message_class: str) -> bool:
+        """Teach spamd's Bayes filter that `data` is "ham" or "spam" (SPAMC TELL; spamd needs
+        --allow-tell). True when it learned, False when it had learned this message before.
+        Raises EngineError (with spamd's own words) when it cannot."""
+        if message_class not in ("ham", "spam"):
+            raise ValueError(message_class)
+        if len(data) > self.size_limit:
+            raise EngineError(PROTOCOL, f"message of {len(data)} bytes is over spamd_size_limit ({self.size_limit})")
+        deadline = Deadline(self.timeout)
+        sock = connect(self.address, self.connect_timeout, deadline)
+        try:
+            head = f"TELL SPAMC/1.5\r\nMessage-class: {message_class}\r\nSet: local\r\nContent-length: {len(data)}\r\n"
+            if self.user:
+                head += f"User: {self.user}\r\n"
+            sock.settimeout(deadline.left())
+            sock.sendall(head.encode("ascii") + b"\r\n" + data)
+            sock.shutdown(socket.SHUT_WR)
+            reply = b""
+            while len(reply) <= REPLY_LIMIT:
+                sock.settimeout(deadline.left())
+                chunk = sock.recv(CHUNK)
+                if not chunk:
+                    break
+                reply += chunk
+        finally:
+            sock.close()
+        status = _STATUS.match(reply)
+        if not status:
+            raise EngineError(PROTOCOL, f"unexpected spamd reply {reply[:100]!r}")
+        if status.group(1) != b"0":
+            raise EngineError(PROTOCOL, f"spamd error {status.group(1).decode()}: "
+                                        f"{status.group(2)[:200].decode('utf-8', 'replace')}")
+        return bool(re.search(rb"(?im)^DidSet: *local", reply))
+
     def ping(self) -> str:
         """"" when spamd answers PONG, else what went wrong."""
         try:
