@@ -7,7 +7,6 @@ import email.policy
 import email.utils
 import os
 import re
-import tempfile
 import time
 import uuid
 from email.message import EmailMessage
@@ -15,6 +14,7 @@ from email.message import EmailMessage
 import pytest
 
 import stack as stacklib
+from conftest import scratch
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +24,7 @@ GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 @pytest.fixture(scope="module")
 def stack():
-    # mkdtemp: its parents are world-searchable, which Postfix and spamd's users need.
-    root = tempfile.mkdtemp(prefix="scanmilter-e2e-")
+    root = scratch("scanmilter-e2e-")
     s = stacklib.Stack(root, smtp_port=stacklib.free_port(), scanmilter_settings={"log_level": "debug"})
     s.start()
     yield s

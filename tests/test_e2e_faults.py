@@ -5,13 +5,13 @@ import concurrent.futures
 import os
 import re
 import signal
-import tempfile
 import time
 import uuid
 
 import pytest
 
 import stack as stacklib
+from conftest import scratch
 from fakes import BadServer
 from test_e2e import OUTSIDE, delivered_with, make, not_delivered
 
@@ -22,7 +22,7 @@ ENGINE_TIMEOUT = 2.0
 
 @pytest.fixture(scope="module")
 def stack():
-    root = tempfile.mkdtemp(prefix="scanmilter-e2e-faults-")
+    root = scratch("scanmilter-e2e-faults-")
     s = stacklib.Stack(root, smtp_port=stacklib.free_port(),
                        scanmilter_settings={"clamd_timeout": ENGINE_TIMEOUT, "spamd_timeout": ENGINE_TIMEOUT,
                                             "engine_failure_threshold": 1000, "engine_check_interval": 60.0})

@@ -4,13 +4,13 @@ reaches the sink has exactly the body that was sent."""
 import hashlib
 import re
 import sysconfig
-import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 import stack as stacklib
+from conftest import scratch
 from test_e2e import GTUBE, OUTSIDE
 
 pytestmark = pytest.mark.integration
@@ -21,7 +21,7 @@ PROPER = {250, 550, 552}      # delivered, rejected; never a tempfail caused by 
 
 @pytest.fixture(scope="module")
 def stack():
-    root = tempfile.mkdtemp(prefix="scanmilter-e2e-input-")
+    root = scratch("scanmilter-e2e-input-")
     s = stacklib.Stack(root, smtp_port=stacklib.free_port())
     s.start()
     yield s

@@ -6,7 +6,6 @@ import concurrent.futures
 import os
 import random
 import re
-import tempfile
 import time
 import urllib.request
 
@@ -14,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import stack as stacklib
+from conftest import scratch
 from test_e2e import GTUBE, OUTSIDE, make
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,7 @@ def metrics(stack) -> dict:
 
 
 def test_concurrent_mixed_load_accounts_for_every_message():
-    root = tempfile.mkdtemp(prefix="scanmilter-e2e-load-")
+    root = scratch("scanmilter-e2e-load-")
     stack = stacklib.Stack(root, smtp_port=stacklib.free_port(), spamd_children=3)
     stack.start()
     try:

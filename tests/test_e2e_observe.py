@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -11,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import stack as stacklib
-from conftest import ROOT
+from conftest import ROOT, scratch
 from test_e2e import GTUBE, OUTSIDE, delivered_with, make
 
 pytestmark = pytest.mark.integration
@@ -19,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stack():
-    root = tempfile.mkdtemp(prefix="scanmilter-e2e-obs-")
+    root = scratch("scanmilter-e2e-obs-")
     s = stacklib.Stack(root, smtp_port=stacklib.free_port(),
                        scanmilter_settings={"engine_check_interval": 0.5, "engine_failure_threshold": 3,
                                             "engine_retry_interval": 1.0})

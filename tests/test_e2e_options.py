@@ -1,13 +1,13 @@
 """End to end with non-default settings: the milter over TCP, a small message_size_limit with
 oversize_action = reject, and scan_failure_action = accept (fail open, marked unscanned)."""
 import socket
-import tempfile
 import time
 import uuid
 
 import pytest
 
 import stack as stacklib
+from conftest import scratch
 from test_e2e import OUTSIDE, body_of, delivered_with, header_lines, make, not_delivered
 
 pytestmark = pytest.mark.integration
@@ -17,7 +17,7 @@ POLICY = '[inbound]\nscan_failure_action = "accept"\noversize_action = "reject"\
 
 @pytest.fixture(scope="module")
 def stack():
-    root = tempfile.mkdtemp(prefix="scanmilter-e2e-opt-")
+    root = scratch("scanmilter-e2e-opt-")
     s = stacklib.Stack(root, smtp_port=stacklib.free_port(), milter_inet_port=stacklib.free_port(),
                        policy_text=POLICY,
                        scanmilter_settings={"message_size_limit": 200_000, "spool_memory_limit": 65536,

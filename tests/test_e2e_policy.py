@@ -1,7 +1,6 @@
 """End to end through real Postfix: directions, overrides, mixed recipients, header rewrites, reload."""
 import os
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -9,6 +8,7 @@ import uuid
 import pytest
 
 import stack as stacklib
+from conftest import scratch
 from test_e2e import OUTSIDE, delivered_with, header_lines, make, not_delivered
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ value = "Mailer"
 
 @pytest.fixture(scope="module")
 def stack():
-    root = tempfile.mkdtemp(prefix="scanmilter-e2e-pol-")
+    root = scratch("scanmilter-e2e-pol-")
     s = stacklib.Stack(root, smtp_port=stacklib.free_port(), policy_text=POLICY)
     s.start()
     yield s

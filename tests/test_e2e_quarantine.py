@@ -4,7 +4,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -12,7 +11,7 @@ import uuid
 import pytest
 
 import stack as stacklib
-from conftest import ROOT
+from conftest import ROOT, scratch
 from test_e2e import OUTSIDE, body_of, delivered_with, header_lines, make, not_delivered
 
 pytestmark = pytest.mark.integration
@@ -28,7 +27,7 @@ reject_level = 1000.0
 
 @pytest.fixture(scope="module")
 def stack():
-    root = tempfile.mkdtemp(prefix="scanmilter-e2e-q-")
+    root = scratch("scanmilter-e2e-q-")
     s = stacklib.Stack(root, smtp_port=stacklib.free_port(), policy_text=POLICY, spamd_learning=True,
                        scanmilter_settings={"quarantine_directory": f"{root}/quarantine",
                                             "engine_check_interval": 0.5})

@@ -4,14 +4,13 @@ scanmilter is the installed one."""
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import pytest
 
 import stack as stacklib
-from conftest import ROOT
+from conftest import ROOT, scratch
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +24,7 @@ def run(*cmd, **kw):
 @pytest.fixture(scope="module")
 def installed():
     """A venv outside the checkout with only the built wheel (and its dependencies) in it."""
-    work = Path(tempfile.mkdtemp(prefix="scanmilter-pkg-"))
+    work = Path(scratch("scanmilter-pkg-"))
     work.chmod(0o755)
     run(sys.executable, "-m", "build", "-o", work / "dist", ROOT)
     [wheel] = (work / "dist").glob("scanmilter-*.whl")
@@ -63,7 +62,7 @@ def test_installed_command_runs_outside_the_checkout(installed):
 def test_selftest_against_a_stack_running_the_installed_package(installed):
     work, _ = installed
     bin_ = work / "venv" / "bin"
-    root = tempfile.mkdtemp(prefix="scanmilter-pkg-stack-")
+    root = scratch("scanmilter-pkg-stack-")
     st = stacklib.Stack(root, smtp_port=stacklib.free_port(), milter_cmd=[str(bin_ / "scanmilter"), "serve", "-c",
                                                                         "{config}"])
     st.start()

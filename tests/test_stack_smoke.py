@@ -6,13 +6,12 @@ import shutil
 import socket
 import struct
 import sys
-import tempfile
 import time
 
 import pytest
 
 import stack as stacklib
-from conftest import ROOT
+from conftest import ROOT, scratch
 
 TRIVIAL_MILTER = ROOT / "tools" / "trivial_milter.py"
 
@@ -39,7 +38,7 @@ def test_parse_sink_dump(tmp_path):
 @pytest.mark.integration
 def test_stack_end_to_end_with_a_trivial_milter():
     pytest.importorskip("Milter")
-    root = tempfile.mkdtemp(prefix="scanmilter-stack-")
+    root = scratch("scanmilter-stack-")
     s = stacklib.Stack(root, smtp_port=stacklib.free_port(),
                        milter_cmd=[sys.executable, str(TRIVIAL_MILTER), "{socket}"])
     msg = b"From: a@outside.test\r\nTo: b@example.com\r\nSubject: hello\r\n\r\nbody\r\n.dot\r\n"
