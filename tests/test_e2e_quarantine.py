@@ -77,11 +77,12 @@ def test_held_message_is_listed_shown_released_once_and_deleted(stack):
     time.sleep(0.5)
     assert not_delivered(stack, marker)
     [entry] = [e for e in entries(stack, "--from", "alice@") if marker in e["subject"]]
-    assert entry["reason"] == "spam" and entry["recipients"] == ["bob@example.com"] and entry["score"] == 8.0
+    # 8.0 from the test rule; random marker text can hit a stock rule too (PDS_BTC_ID likes some hex)
+    assert entry["reason"] == "spam" and entry["recipients"] == ["bob@example.com"] and entry["score"] >= 8.0
     assert "SCANMILTER_TAG_TEST" in entry["rules"] and entry["direction"] == "inbound"
 
     table = cli(stack, "list").stdout
-    assert entry["id"] in table and "spam" in table and "8.0" in table and "Kbytes in" in table
+    assert entry["id"] in table and "spam" in table and f"{entry['score']:.1f}" in table and "Kbytes in" in table
     show = cli(stack, "show", entry["id"])
     assert show.returncode == 0
     assert "quarantine_level = 6.0 from [inbound]" in show.stdout
