@@ -25,7 +25,10 @@ GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 @pytest.fixture(scope="module")
 def stack():
     root = scratch("scanmilter-e2e-")
-    s = stacklib.Stack(root, smtp_port=stacklib.free_port(), scanmilter_settings={"log_level": "debug"})
+    # a long clamd head start: on a busy machine clamd may need more than the default 0.1 s, and
+    # whether EICAR reaches spamd must not depend on that here
+    s = stacklib.Stack(root, smtp_port=stacklib.free_port(),
+                       scanmilter_settings={"log_level": "debug", "clamd_head_start": 10.0})
     s.start()
     yield s
     s.stop()

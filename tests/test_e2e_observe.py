@@ -21,7 +21,8 @@ def stack():
     root = scratch("scanmilter-e2e-obs-")
     s = stacklib.Stack(root, smtp_port=stacklib.free_port(),
                        scanmilter_settings={"engine_check_interval": 0.5, "engine_failure_threshold": 3,
-                                            "engine_retry_interval": 1.0})
+                                            "engine_retry_interval": 1.0,
+                                            "clamd_head_start": 10.0})     # see test_e2e.stack
     s.start()
     yield s
     s.stop()
