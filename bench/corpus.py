@@ -146,6 +146,15 @@ def _b64(data: bytes) -> str:
     return base64.encodebytes(data).decode("ascii")
 
 
+def _with_attachment(boundary: str, text: str, name: str, ctype: str, payload: bytes) -> str:
+    """A multipart/mixed body: a text part and one base64 attachment."""
+    return (f"Content-Type: multipart/mixed; boundary=\"{boundary}\"\n\n--{boundary}\n"
+            "Content-Type: text/plain; charset=utf-8\n\n" + text + f"\n--{boundary}\n"
+            f"Content-Type: {ctype}; name=\"{name}\"\n"
+            f"Content-Disposition: attachment; filename=\"{name}\"\nContent-Transfer-Encoding: base64\n\n"
+            + _b64(payload) + f"--{boundary}--\n")
+
+
 def _make(rnd: random.Random, text: _Text, i: int, kind: str, now: int) -> Message:
     mid = f"bench-{i}-{rnd.getrandbits(40):010x}@{rnd.choice(DOMAINS)}"
     sender = rnd.choice(NAMES)
@@ -170,11 +179,7 @@ def _make(rnd: random.Random, text: _Text, i: int, kind: str, now: int) -> Messa
         size = rnd.randint(1_000_000, 2_000_000)
         plain = text.body(3000) + f"\n\n{sender}\n"
         blob = rnd.randbytes(size * 3 // 4)
-        body = (f"Content-Type: multipart/mixed; boundary=\"b-{i}\"\n\n--b-{i}\n"
-                "Content-Type: text/plain; charset=utf-8\n\n" + plain + f"\n--b-{i}\n"
-                f"Content-Type: application/octet-stream; name=\"backup-{i}.bin\"\n"
-                f"Content-Disposition: attachment; filename=\"backup-{i}.bin\"\nContent-Transfer-Encoding: base64\n\n"
-                + _b64(blob) + f"--b-{i}--\n")
+        body = _with_attachment(f"b-{i}", plain, f"backup-{i}.bin", "application/octet-stream", blob)
         return Message(mid, kind, _crlf(head + body), addr)
 
     if kind == "virus":
@@ -185,11 +190,7 @@ def _make(rnd: random.Random, text: _Text, i: int, kind: str, now: int) -> Messa
                 z.writestr(f"invoice-{i}.com", payload)
             payload, name, ctype = buf.getvalue(), f"invoice-{i}.zip", "application/zip"
         plain = text.body(rnd.randint(300, 1500))
-        body = (f"Content-Type: multipart/mixed; boundary=\"b-{i}\"\n\n--b-{i}\n"
-                "Content-Type: text/plain; charset=utf-8\n\n" + plain + f"\n\nPlease find the invoice attached.\n"
-                f"--b-{i}\nContent-Type: {ctype}; name=\"{name}\"\n"
-                f"Content-Disposition: attachment; filename=\"{name}\"\nContent-Transfer-Encoding: base64\n\n"
-                + _b64(payload) + f"--b-{i}--\n")
+        body = _with_attachment(f"b-{i}", plain + "\n\nPlease find the invoice attached.", name, ctype, payload)
         return Message(mid, kind, _crlf(head + body), addr)
 
     # ham and spam: 2-50 KB, log-uniform
@@ -213,11 +214,7 @@ def _make(rnd: random.Random, text: _Text, i: int, kind: str, now: int) -> Messa
     elif roll < 0.35 and target > 8000:   # text + a small binary attachment (a third of the size)
         part = plain[:len(plain) * 2 // 3]
         blob = rnd.randbytes(max(1000, target // 4))
-        body = (f"Content-Type: multipart/mixed; boundary=\"m-{i}\"\n\n--m-{i}\n"
-                "Content-Type: text/plain; charset=utf-8\n\n" + part + f"\n--m-{i}\n"
-                f"Content-Type: application/pdf; name=\"report-{i}.pdf\"\n"
-                f"Content-Disposition: attachment; filename=\"report-{i}.pdf\"\nContent-Transfer-Encoding: base64\n\n"
-                + _b64(b"%PDF-1.4\n" + blob) + f"--m-{i}--\n")
+        body = _with_attachment(f"m-{i}", part, f"report-{i}.pdf", "application/pdf", b"%PDF-1.4\n" + blob)
     else:
         body = "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n" + plain + "\n"
     return Message(mid, kind, _crlf(head + body), addr)

@@ -4,12 +4,12 @@ import socket
 import threading
 
 
-class BadServer:
-    """Listens on a unix path or a TCP port; `mode` is "hang" (accept, read, never answer)
-    or "garbage" (answer nonsense, then close)."""
+class Server:
+    """Listens on a unix path or 127.0.0.1:port and runs `behave(server, conn)` for each
+    connection in a thread of its own; what `read_all` reads is kept in `received`."""
 
-    def __init__(self, mode: str, unix_path=None, port=None):
-        self.mode = mode
+    def __init__(self, behave, unix_path=None, port=None):
+        self.behave = behave
         if unix_path:
             if os.path.exists(unix_path):
                 os.unlink(unix_path)
@@ -21,9 +21,8 @@ class BadServer:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.sock.bind(("127.0.0.1", port))
         self.sock.listen(64)
-        self.unix_path = unix_path
-        self.conns = []
-        self.accepted = 0
+        self.path = str(unix_path) if unix_path else None
+        self.conns, self.received = [], []
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self):
@@ -32,20 +31,25 @@ class BadServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            self.accepted += 1
             self.conns.append(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn):
         try:
-            conn.settimeout(60)
-            data = conn.recv(65536)
-            if self.mode == "garbage" and data:
-                conn.sendall(b"\x00\xffHELLO? 42 what\r\n\r\n\x1b[2J nonsense\0")
-                conn.close()
-            # "hang": keep the connection open and say nothing
+            self.behave(self, conn)
         except OSError:
             pass
+
+    def read_all(self, conn, until=None):
+        """Read up to the peer's end of data (or until `until(data)`), and keep it."""
+        data = b""
+        conn.settimeout(5)
+        while chunk := conn.recv(65536):
+            data += chunk
+            if until and until(data):
+                break
+        self.received.append(data)
+        return data
 
     def close(self):
         self.sock.close()
@@ -54,5 +58,24 @@ class BadServer:
                 c.close()
             except OSError:
                 pass
-        if self.unix_path and os.path.exists(self.unix_path):
-            os.unlink(self.unix_path)
+        if self.path and os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def _hang(server, conn):
+    """Accept, read, never answer: the connection stays open."""
+    conn.settimeout(60)
+    conn.recv(65536)
+
+
+def _garbage(server, conn):
+    """Answer nonsense, then close."""
+    conn.settimeout(60)
+    if conn.recv(65536):
+        conn.sendall(b"\x00\xffHELLO? 42 what\r\n\r\n\x1b[2J nonsense\0")
+    conn.close()
+
+
+def BadServer(mode: str, unix_path=None, port=None) -> Server:
+    """A server that misbehaves: mode "hang" or "garbage"."""
+    return Server({"hang": _hang, "garbage": _garbage}[mode], unix_path=unix_path, port=port)

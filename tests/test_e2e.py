@@ -79,6 +79,13 @@ def header_lines(data: bytes, name: str):
     return re.findall(rf"(?im)^{re.escape(name)}:[^\n]*(?:\n[ \t][^\n]*)*", head)
 
 
+def summary_lines(stack, marker):
+    """(queue id, scanmilter's lines starting with it) of the message whose Message-ID is
+    <marker@outside.test>."""
+    qid = re.search(rf"cleanup\[\d+\]: ([0-9A-Za-z]+): message-id=<{marker}@", stack.postfix_log()).group(1)
+    return qid, [line for line in stack.logs["scanmilter"].read_text().splitlines() if line.startswith(qid + ":")]
+
+
 def test_clean_mail_is_delivered_with_our_headers(stack):
     marker = uuid.uuid4().hex
     data = make(f"clean {marker}")
@@ -98,8 +105,7 @@ def test_one_summary_line_per_message_keyed_by_queue_id(stack):
     marker = uuid.uuid4().hex
     assert send(stack, make(f"logged {marker}", msgid=f"<{marker}@outside.test>"))["code"] == 250
     delivered_with(stack, marker)
-    qid = re.search(rf"cleanup\[\d+\]: ([0-9A-Za-z]+): message-id=<{marker}@", stack.postfix_log()).group(1)
-    lines = [line for line in stack.logs["scanmilter"].read_text().splitlines() if line.startswith(qid + ":")]
+    qid, lines = summary_lines(stack, marker)
     assert len(lines) == 1
     assert re.fullmatch(rf"{qid}: action=accept, reason=ham, direction=inbound, virus=-, score=-?\d+\.\d, "
                         rf"from=<alice@outside.test>, rcpts=1, size=\d+, ms=\d+, client={OUTSIDE}", lines[0])
@@ -226,9 +232,8 @@ def spamd_saw(stack, msgid_marker):
 
 
 def summary_line(stack, marker):
-    """scanmilter's summary line of the message whose Message-ID is <marker@outside.test>."""
-    qid = re.search(rf"cleanup\[\d+\]: ([0-9A-Za-z]+): message-id=<{marker}@", stack.postfix_log()).group(1)
-    return next(line for line in stack.logs["scanmilter"].read_text().splitlines() if line.startswith(qid + ":"))
+    [line] = summary_lines(stack, marker)[1]
+    return line
 
 
 def test_copies_of_a_bulk_mailing_are_scanned_once(stack):

@@ -1,11 +1,10 @@
 """Wire protocols of clamd and spamd against fake servers (fault injection only:
 the real engines are exercised by the integration tests)."""
-import socket
-import threading
 import time
 
 import pytest
 
+from fakes import Server
 from scanmilter.message import Spool
 from scanmilter.scanners import clamd as C, spamd as S
 
@@ -16,48 +15,12 @@ def spool_of(data: bytes, memory_limit=1 << 20):
     return s
 
 
-class FakeServer:
-    """A unix-socket server that runs `behave(conn)` for each connection."""
-
-    def __init__(self, tmp_path, behave):
-        self.path = str(tmp_path / "fake.sock")
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(self.path)
-        self.sock.listen(8)
-        self.received = []
-        self.behave = behave
-        threading.Thread(target=self._loop, daemon=True).start()
-
-    def _loop(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
+def FakeServer(tmp_path, behave) -> Server:
+    """A unix-socket server that runs `behave(server, conn)` for each connection, then closes it."""
+    def closing(server, conn):
         with conn:
-            try:
-                self.behave(self, conn)
-            except OSError:
-                pass
-
-    def read_all(self, conn, until=None):
-        data = b""
-        conn.settimeout(5)
-        while True:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-            if until and until(data):
-                break
-        self.received.append(data)
-        return data
-
-    def close(self):
-        self.sock.close()
+            behave(server, conn)
+    return Server(closing, unix_path=tmp_path / "fake.sock")
 
 
 def clamd_scanner(path, timeout=2.0, size_limit=1 << 20):

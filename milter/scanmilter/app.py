@@ -39,13 +39,16 @@ def check_milter_extension() -> None:
                                  "is shadowing it")
 
 
+def spamd_client(cfg) -> SpamdScanner:
+    return SpamdScanner(config.parse_client_socket(cfg.spamd_socket), cfg.spamd_connect_timeout,
+                        cfg.spamd_timeout, cfg.spamd_size_limit, cfg.spamd_oversize_action, cfg.spamd_user)
+
+
 def build_engines(cfg) -> list:
     """The engines that are on, slowest first (the calling thread runs the first one)."""
     engines = []
     if cfg.spamd_enabled:
-        engines.append(SpamdScanner(config.parse_client_socket(cfg.spamd_socket), cfg.spamd_connect_timeout,
-                                    cfg.spamd_timeout, cfg.spamd_size_limit, cfg.spamd_oversize_action,
-                                    cfg.spamd_user))
+        engines.append(spamd_client(cfg))
     if cfg.clamd_enabled:
         engines.append(ClamdScanner(config.parse_client_socket(cfg.clamd_socket), cfg.clamd_connect_timeout,
                                     cfg.clamd_timeout, cfg.clamd_size_limit))

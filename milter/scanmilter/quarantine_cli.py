@@ -182,15 +182,10 @@ def cmd_release(store, cfg, args) -> int:
     return EXIT_OK
 
 
-def _spamd(cfg):
-    from .scanners.spamd import SpamdScanner
-    return SpamdScanner(config.parse_client_socket(cfg.spamd_socket), cfg.spamd_connect_timeout,
-                        cfg.spamd_timeout, cfg.spamd_size_limit, cfg.spamd_oversize_action, cfg.spamd_user)
-
-
 def _learn(store, cfg, ids, message_class: str, by: str) -> int:
+    from .app import spamd_client
     from .scanners import EngineError
-    spamd, failed, missing = _spamd(cfg), 0, 0
+    spamd, failed, missing = spamd_client(cfg), 0, 0
     for entry_id in ids:
         try:
             fresh = quarantine.learn(store, entry_id, spamd, message_class, by)

@@ -6,6 +6,7 @@ first bytes are sent, by setting (spamc itself skips anything over 500 KB).
 """
 from __future__ import annotations
 
+import io
 import re
 import socket
 
@@ -38,23 +39,40 @@ class SpamdScanner:
             if self.oversize_action == "skip":
                 return ScanResult(self.name, SKIPPED, "size")
             size = self.size_limit
+        return parse_reply(self._exchange("SYMBOLS", {}, size, lambda: spool.reader(size)))
+
+    def tell(self, data: bytes, message_class: str) -> bool:
+        """Teach spamd's Bayes filter that `data` is "ham" or "spam" (SPAMC TELL; spamd needs
+        --allow-tell). True when it learned, False when it had learned this message before.
+        Raises EngineError (with spamd's own words) when it cannot."""
+        if message_class not in ("ham", "spam"):
+            raise ValueError(message_class)
+        if len(data) > self.size_limit:
+            raise EngineError(PROTOCOL, f"message of {len(data)} bytes is over spamd_size_limit ({self.size_limit})")
+        reply = self._exchange("TELL", {"Message-class": message_class, "Set": "local"}, len(data),
+                               lambda: io.BytesIO(data))
+        check_status(reply)
+        return bool(re.search(rb"(?im)^DidSet: *local", reply))
+
+    def _exchange(self, command: str, headers: dict[str, str], size: int, open_body) -> bytes:
+        """One SPAMC request: `command`, `headers`, then `size` bytes read from `open_body()`;
+        returns spamd's whole reply, within one deadline of spamd_timeout."""
         deadline = Deadline(self.timeout)
         sock = connect(self.address, self.connect_timeout, deadline)
         try:
-            head = f"SYMBOLS SPAMC/1.5\r\nContent-length: {size}\r\n"
-            if self.user:
-                head += f"User: {self.user}\r\n"
+            head = f"{command} SPAMC/1.5\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            head += f"Content-length: {size}\r\n" + (f"User: {self.user}\r\n" if self.user else "")
             try:
                 sock.settimeout(deadline.left())
                 sock.sendall(head.encode("ascii") + b"\r\n")
-                with spool.reader(size) as reader:
-                    while chunk := reader.read(CHUNK):
+                with open_body() as body:
+                    while chunk := body.read(CHUNK):
                         sock.settimeout(deadline.left())
                         sock.sendall(chunk)
                 sock.shutdown(socket.SHUT_WR)
             except (BrokenPipeError, ConnectionResetError):
                 said = words_before_hangup(sock)
-                parse_reply(said)    # a well-formed spamd error explains the hang-up best
+                check_status(said)    # a well-formed spamd error explains the hang-up best
                 raise EngineError(PROTOCOL, f"spamd hung up mid-message: {said[:100]!r}") from None
             reply = b""
             while len(reply) <= REPLY_LIMIT:
@@ -65,42 +83,7 @@ class SpamdScanner:
                 reply += data
         finally:
             sock.close()
-        return parse_reply(reply)
-
-
-    def tell(self, data: bytes, message_class: str) -> bool:
-        """Teach spamd's Bayes filter that `data` is "ham" or "spam" (SPAMC TELL; spamd needs
-        --allow-tell). True when it learned, False when it had learned this message before.
-        Raises EngineError (with spamd's own words) when it cannot."""
-        if message_class not in ("ham", "spam"):
-            raise ValueError(message_class)
-        if len(data) > self.size_limit:
-            raise EngineError(PROTOCOL, f"message of {len(data)} bytes is over spamd_size_limit ({self.size_limit})")
-        deadline = Deadline(self.timeout)
-        sock = connect(self.address, self.connect_timeout, deadline)
-        try:
-            head = f"TELL SPAMC/1.5\r\nMessage-class: {message_class}\r\nSet: local\r\nContent-length: {len(data)}\r\n"
-            if self.user:
-                head += f"User: {self.user}\r\n"
-            sock.settimeout(deadline.left())
-            sock.sendall(head.encode("ascii") + b"\r\n" + data)
-            sock.shutdown(socket.SHUT_WR)
-            reply = b""
-            while len(reply) <= REPLY_LIMIT:
-                sock.settimeout(deadline.left())
-                chunk = sock.recv(CHUNK)
-                if not chunk:
-                    break
-                reply += chunk
-        finally:
-            sock.close()
-        status = _STATUS.match(reply)
-        if not status:
-            raise EngineError(PROTOCOL, f"unexpected spamd reply {reply[:100]!r}")
-        if status.group(1) != b"0":
-            raise EngineError(PROTOCOL, f"spamd error {status.group(1).decode()}: "
-                                        f"{status.group(2)[:200].decode('utf-8', 'replace')}")
-        return bool(re.search(rb"(?im)^DidSet: *local", reply))
+        return reply
 
     def ping(self) -> str:
         """"" when spamd answers PONG, else what went wrong."""
@@ -118,14 +101,20 @@ class SpamdScanner:
         return "" if re.match(rb"SPAMD/\d+\.\d+ 0 PONG", reply) else f"unexpected reply {reply[:80]!r}"
 
 
-def parse_reply(reply: bytes) -> ScanResult:
-    """Read a SPAMD/1.x reply to SYMBOLS; anything malformed is a protocol error."""
-    head, sep, body = reply.partition(b"\r\n\r\n")
-    status = _STATUS.match(head)
+def check_status(reply: bytes) -> None:
+    """A SPAMD/1.x status line with code 0, or a protocol error carrying spamd's words."""
+    status = _STATUS.match(reply)
     if not status:
         raise EngineError(PROTOCOL, f"unexpected spamd reply {reply[:100]!r}")
     if status.group(1) != b"0":
-        raise EngineError(PROTOCOL, f"spamd error {status.group(1).decode()} {status.group(2)[:100]!r}")
+        raise EngineError(PROTOCOL, f"spamd error {status.group(1).decode()}: "
+                                    f"{status.group(2)[:200].decode('utf-8', 'replace')}")
+
+
+def parse_reply(reply: bytes) -> ScanResult:
+    """Read a SPAMD/1.x reply to SYMBOLS; anything malformed is a protocol error."""
+    check_status(reply)
+    head, sep, body = reply.partition(b"\r\n\r\n")
     spam = _SPAM.search(head)
     if not spam or not sep:
         raise EngineError(PROTOCOL, f"spamd reply without a Spam header {reply[:100]!r}")
