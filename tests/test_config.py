@@ -13,6 +13,8 @@ def test_defaults_load():
     cfg = config.load(None)
     assert cfg.spamd_size_limit == 512 * 1024
     assert cfg.changed == frozenset()
+    # header caps: far above real mail (a few dozen fields; Postfix's hopcount_limit is 50 Received lines)
+    assert (cfg.header_count_limit, cfg.verdict_header_limit, cfg.header_limit_action) == (1000, 50, "reject")
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
@@ -32,6 +34,9 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     ("milter_socket_mode = \"rw\"", "octal"),
     ("spool_memory_limit = 100\nmessage_size_limit = 10", "larger than message_size_limit"),
     ("clamd_timeout = ", "not valid TOML"),
+    ("header_count_limit = 0", "header_count_limit must be a whole number of count \\(at least 1\\)"),
+    ("verdict_header_limit = -5", "verdict_header_limit must be a whole number"),
+    ("header_limit_action = \"discard\"", "header_limit_action must be one of reject, tempfail"),
 ])
 def test_bad_values_stop_with_the_key_named(tmp_path, line, fragment):
     with pytest.raises(config.ConfigError, match=fragment):

@@ -59,11 +59,15 @@ def expected_body(sent: bytes) -> bytes:
 
 
 def deliveries(stack, marker: bytes, expect: int = 1, timeout: float = 60):
+    """Exactly `expect` deliveries containing `marker`, counted once Postfix has nothing left to deliver."""
     import time
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         found = [d for d in stack.delivered() if marker in d.data]
         if len(found) >= expect:
+            stack.wait_drained()
+            found = [d for d in stack.delivered() if marker in d.data]
+            assert len(found) == expect, f"{marker!r}: {len(found)} deliveries, not {expect}"
             return found
         time.sleep(0.2)
     raise AssertionError(f"{marker!r}: {len(found)} of {expect} deliveries")
@@ -105,7 +109,7 @@ NASTY = {
     "eight_bit_headers": lambda m: headers(m, b"X-Latin: caf\xe9 \xfc\xdf\nX-Utf8: caf\xc3\xa9\n") + b"\nbody\n",
     "invalid_utf8_subject": lambda m: headers(m).replace(b"Subject: nasty", b"Subject: \xff\xfe nasty") + b"\nb\n",
     "header_of_100kb": lambda m: headers(m, b"X-Big: " + b"a" * 100_000 + b"\n") + b"\nbody\n",
-    "ten_thousand_header_lines": lambda m: headers(m, b"".join(b"X-Many-%d: v\n" % i for i in range(10_000)))
+    "nine_hundred_header_lines": lambda m: headers(m, b"".join(b"X-Many-%d: v\n" % i for i in range(900)))
     + b"\nbody\n",
     "line_of_1mb": lambda m: headers(m) + b"\n" + b"x" * 1_000_000 + b"\nend\n",
     "deeply_nested_mime": lambda m: headers(m, b"MIME-Version: 1.0\n") + _nested(60) + b"\n",
@@ -160,6 +164,8 @@ def test_a_thousand_recipients(stack):
         if sum(len(d.recipients) for d in got) >= 1000:
             break
         time.sleep(0.5)
+    stack.wait_drained()                                                       # no more copies on their way
+    got = [d for d in stack.delivered() if marker.encode() in d.data]
     assert sorted(r for d in got for r in d.recipients) == sorted(rcpts)       # each exactly once
     assert all(body(d.data) == expected_body(wire(data)) for d in got)
 
@@ -180,3 +186,62 @@ def test_a_forged_release_header_skips_no_scan(stack):
         f"\n{GTUBE}\n".encode()
     r = stack.send(wire(data), "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)
     assert r["code"] == 550 and "spam" in r["reply"], r
+
+
+# ---- header floods (header_count_limit, verdict_header_limit) and the Subject tag of 8-bit Subjects
+
+def refused_unscanned(stack, data: bytes, marker: str, limit: str, within: float = 60):
+    """Send `data` from an outside client; it must be refused with 552 5.6.0 well within the
+    client's patience, logged as over `limit`, and never delivered."""
+    import time
+    started = time.monotonic()
+    r = stack.send(wire(data), f"flood-{marker}@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE,
+                   timeout=2 * within)
+    elapsed = time.monotonic() - started
+    assert r["code"] == 552 and r["reply"].startswith("5.6.0 Too many header fields"), r
+    assert elapsed < within, f"the reply took {elapsed:.0f}s"
+    qid = re.search(rf"cleanup\[\d+\]: ([0-9A-Za-z]+): message-id=<{marker}@", stack.postfix_log()).group(1)
+    stack.wait_drained(logged=f"{qid}: action=reject, reason=headers")
+    lines = stack.wait_logged(f"{qid}: ")
+    assert any(f"over {limit} (" in line for line in lines), lines
+    assert not [d for d in stack.delivered() if marker.encode() in d.data]
+
+
+def test_a_flood_of_forged_verdict_headers_is_refused_quickly(stack):
+    # 100,000 forged X-Spam-* fields, about 2 MB: stripping each would make Postfix's cleanup
+    # go through all header fields again, for minutes
+    marker = uuid.uuid4().hex
+    flood = b"".join(b"X-Spam-Flood-%d: x\n" % i for i in range(100_000))
+    refused_unscanned(stack, headers(marker, flood) + b"\nbody\n", marker, "verdict_header_limit")
+
+
+def test_header_count_limit_through_postfix(stack):
+    from scanmilter import config
+    limit = config.load(None).header_count_limit          # the stack runs with the defaults
+    marker = uuid.uuid4().hex
+    below = headers(marker, b"".join(b"X-Many-%d: v\n" % i for i in range(limit - 20))) + b"\nbody\n"
+    r, got = roundtrip(stack, below, marker.encode())
+    assert r["code"] == 250, r                             # Postfix itself takes that many: so do we
+    marker = uuid.uuid4().hex
+    over = headers(marker, b"".join(b"X-Many-%d: v\n" % i for i in range(limit + 1))) + b"\nbody\n"
+    refused_unscanned(stack, over, marker, "header_count_limit")
+    marker = uuid.uuid4().hex
+    many = headers(marker, b"".join(b"X-Many-%d: v\n" % i for i in range(10_000))) + b"\nbody\n"
+    refused_unscanned(stack, many, marker, "header_count_limit")
+
+
+@pytest.mark.parametrize("words", [b"caf\xe9 \xfc\xdf", "café Grüße".encode()], ids=["latin1", "utf8"])
+def test_an_8bit_subject_is_tagged_keeping_its_bytes(stack, words):
+    import email.header
+    marker = uuid.uuid4().hex
+    subject = b"scanmilter-tag-test " + words + b" " + marker.encode()    # the test rule scores 8: tagged
+    data = headers(marker).replace(b"Subject: nasty " + marker.encode(), b"Subject: " + subject) + b"\nbody\n"
+    r, [d] = roundtrip(stack, data, marker.encode())
+    assert r["code"] == 250, r
+    head = d.data.split(b"\n\n", 1)[0]
+    [value] = re.findall(rb"(?im)^Subject:((?:[^\n]*)(?:\n[ \t][^\n]*)*)", head)
+    assert value.isascii()                                 # encoded words, nothing raw
+    unfolded = re.sub(r"\n(?=[ \t])", "", value.decode("ascii")).strip()
+    parts = email.header.decode_header(unfolded)
+    assert b"".join(p if isinstance(p, bytes) else p.encode() for p, _ in parts) == b"[SPAM] " + subject
+

@@ -1,5 +1,6 @@
 """End to end with non-default settings: the milter over TCP, a small message_size_limit with
-oversize_action = reject, and scan_failure_action = accept (fail open, marked unscanned)."""
+oversize_action = reject, size limits of clamd below it, scan_failure_action = accept (fail open,
+marked unscanned), the scan cache and clamd's head start off."""
 import socket
 import time
 import uuid
@@ -8,7 +9,7 @@ import pytest
 
 import stack as stacklib
 from conftest import scratch
-from test_e2e import OUTSIDE, body_of, delivered_with, header_lines, make, not_delivered
+from test_e2e import OUTSIDE, body_of, delivered_with, header_lines, make, not_delivered, spamd_saw
 
 pytestmark = pytest.mark.integration
 
@@ -20,8 +21,13 @@ def stack():
     root = scratch("scanmilter-e2e-opt-")
     s = stacklib.Stack(root, smtp_port=stacklib.free_port(), milter_inet_port=stacklib.free_port(),
                        policy_text=POLICY,
+                       # clamd takes 120 KB at most and unpacks no file over 60 KB (AlertExceedsMax is on):
+                       # two bands below message_size_limit that must not pass unscanned
+                       clamd_settings={"MaxFileSize": "60K", "MaxScanSize": "60K"},
                        scanmilter_settings={"message_size_limit": 200_000, "spool_memory_limit": 65536,
-                                            "spamd_timeout": 2.0, "clamd_timeout": 2.0})
+                                            "clamd_size_limit": 120_000,
+                                            "spamd_timeout": 2.0, "clamd_timeout": 2.0,
+                                            "scan_cache_seconds": 0, "clamd_head_start": 0})
     s.start()
     yield s
     s.stop()
@@ -77,3 +83,51 @@ def test_spamd_that_accepts_but_never_answers_times_out(stack):
     d = delivered_with(stack, marker)
     assert header_lines(d.data, "X-Spam-Status") == ["X-Spam-Status: unscanned (timeout)"]
     assert header_lines(d.data, "X-Virus-Status") == ["X-Virus-Status: clean"]
+
+
+def summary(stack, marker):
+    """scanmilter's summary line for the message whose Message-ID is <marker@outside.test>."""
+    from test_e2e import summary_lines
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            qid, lines = summary_lines(stack, marker)
+        except AttributeError:          # Postfix has not logged the message yet
+            lines = []
+        if lines:
+            return lines[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"no summary line for {marker}")
+
+
+@pytest.mark.parametrize("size, why", [(150_000, "clamd:size"), (90_000, "clamd:limits")])
+def test_mail_an_engine_skips_for_its_size_gets_the_oversize_rule(stack, size, why):
+    """Between an engine's size limit and message_size_limit, mail is never passed unscanned:
+    clamd_size_limit (skipped before sending) and clamd's own MaxFileSize (AlertExceedsMax)."""
+    marker = uuid.uuid4().hex
+    line = f"{marker} padding padding padding\n"
+    body = line * (size // len(line))
+    r = send(stack, make(f"band {marker}", body=body, msgid=f"<{marker}@outside.test>"))
+    assert r["code"] == 552 and "5.3.4" in r["reply"], r
+    line = summary(stack, marker)
+    assert "action=reject, reason=oversize" in line and why in line, line
+    assert not_delivered(stack, marker)
+
+
+def test_zero_turns_the_scan_cache_and_the_head_start_off(stack):
+    marker = uuid.uuid4().hex
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    body = f"Our offers this week {marker}\n" + "Lots of words about products.\n" * 40
+    for mid in (first, second):
+        assert send(stack, make(f"Weekly offers {marker}", body=body, msgid=f"<{mid}@outside.test>"))["code"] == 250
+    for mid in (first, second):
+        assert "cached" not in summary(stack, mid)
+    deadline = time.monotonic() + 30
+    while not (spamd_saw(stack, first) and spamd_saw(stack, second)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert spamd_saw(stack, first) and spamd_saw(stack, second)        # both copies scanned
+    # no head start: spamd is asked about a virus at the same time as clamd
+    virus = uuid.uuid4().hex
+    r = send(stack, make(f"eicar {virus}", body=stacklib.eicar().decode() + "\n", msgid=f"<{virus}@outside.test>"))
+    assert r["code"] == 550 and "Eicar-Test-Signature" in r["reply"], r
+    assert "skipped=spamd:decided" not in summary(stack, virus)

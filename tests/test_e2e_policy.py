@@ -23,6 +23,10 @@ reject_level = 1000.0
 [inbound.recipients."trap@example.com"]
 virus_action = "discard"
 
+[lists]
+allow_senders = ["friend@partner.test"]
+allow_senders_clients = ["198.51.100.0/24"]
+
 [[header_rewrite]]
 direction = "outbound"
 action = "remove"
@@ -133,16 +137,27 @@ def test_sighup_reloads_under_traffic_and_a_broken_policy_is_refused(stack):
             r = stack.send(tagged(marker), "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)
             results.append((marker, r["code"]))
 
+    def answered(more):
+        """Wait until the traffic has had `more` further answers."""
+        want, deadline = len(results) + more, time.monotonic() + 60
+        while len(results) < want and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(results) >= want, results
+
+    reloaded, refused = "reloaded configuration", "reload refused, old configuration and policy stay in force"
+    reloads, refusals = len(stack.wait_logged(reloaded, count=0)), len(stack.wait_logged(refused, count=0))
     sender = threading.Thread(target=traffic)
     sender.start()
     try:
-        time.sleep(1.0)
+        answered(2)                                              # under the old policy
         policy_file.write_text(POLICY + '\n[inbound]\nsubject_tag = "[JUNK]"\n')
         os.kill(pid, signal.SIGHUP)
-        time.sleep(1.5)
+        stack.wait_logged(reloaded, count=reloads + 1)
+        answered(2)                                              # under the new one
         policy_file.write_text("[inbound]\nreject_level = \"broken\"\n")
         os.kill(pid, signal.SIGHUP)
-        time.sleep(1.5)
+        stack.wait_logged(refused, count=refusals + 1)
+        answered(2)                                              # still under the new one
     finally:
         stop.set()
         sender.join()
@@ -157,3 +172,18 @@ def test_sighup_reloads_under_traffic_and_a_broken_policy_is_refused(stack):
     assert all(s.startswith(("Subject: [SPAM] ", "Subject: [JUNK] ")) for s in subjects)
     policy_file.write_text(POLICY)
     os.kill(pid, signal.SIGHUP)
+    stack.wait_logged(reloaded, count=reloads + 2)               # later tests see the module's policy
+
+
+def test_an_allow_listed_sender_counts_only_from_its_own_clients(stack):
+    """allow_senders trusts the envelope sender, which anyone can forge: with allow_senders_clients
+    the exemption holds only for mail from those networks (or authenticated)."""
+    forged, real = uuid.uuid4().hex, uuid.uuid4().hex
+    r = stack.send(tagged(forged), "friend@partner.test", ["bob@example.com"], xclient_addr=OUTSIDE)
+    assert r["code"] == 250, r
+    d = delivered_with(stack, forged)
+    assert header_lines(d.data, "X-Spam-Flag") == ["X-Spam-Flag: YES"]         # judged like anyone else
+    r = stack.send(tagged(real), "friend@partner.test", ["bob@example.com"], xclient_addr="198.51.100.20")
+    assert r["code"] == 250, r
+    d = delivered_with(stack, real)
+    assert header_lines(d.data, "X-Spam-Flag") == [] and "[SPAM]" not in "".join(header_lines(d.data, "Subject"))

@@ -1,13 +1,16 @@
 """The milter callbacks driven directly (no MTA), with engines replaced by canned results.
 What Postfix really does with the edits is shown by the integration tests."""
 import dataclasses
+import logging
 
 import Milter
+import pytest
 
 from scanmilter import config, policyfile
 from scanmilter.handler import Handler, Runtime
 from scanmilter.pipeline import Pipeline, scan_pool
 from scanmilter.scanners import ScanResult
+from test_headers import assert_safe, decoded
 
 
 class Ctx:
@@ -49,9 +52,10 @@ class Engine:
 POOL = scan_pool(4)
 
 
-def handler(*engines, **inbound):
-    """A handler with canned engines; `inbound` changes settings of the default [inbound]."""
-    cfg = config.load(None)
+def handler(*engines, daemon=None, **inbound):
+    """A handler with canned engines; `daemon` changes daemon settings, `inbound` settings of
+    the default [inbound]."""
+    cfg = config.parse(config.DAEMON_SETTINGS, daemon or {}, "test")
     pol = policyfile.load("")
     pol = dataclasses.replace(pol, directions={**pol.directions, "inbound": {**pol.directions["inbound"], **inbound}})
     h = Handler(Runtime(cfg, pol, Pipeline(list(engines), POOL)))
@@ -100,7 +104,9 @@ def test_forged_verdicts_are_removed_highest_index_first():
 def test_subject_is_tagged_once_and_8bit_subjects_survive():
     h = handler(Engine("spamd", SPAM8), Engine("clamd", CLEAN))
     feed(h, [("Subject", b" Gr\xfc\xdfe")])                # invalid UTF-8 from the wire
-    assert ("chg", "Subject", 1, " [SPAM] Gr\ufffd\ufffde") in h._ctx.calls
+    [value] = [c[3] for c in h._ctx.calls if c[:3] == ("chg", "Subject", 1)]
+    assert_safe(value)                                     # pymilter sends it as UTF-8: no surrogates
+    assert decoded(value) == b"[SPAM] Gr\xfc\xdfe"           # the original bytes, not U+FFFD
     assert ("add", "X-Spam-Flag", " YES") in h._ctx.calls
     h = handler(Engine("spamd", SPAM8), Engine("clamd", CLEAN))
     feed(h, [("Subject", b" [SPAM] again")])
@@ -118,11 +124,29 @@ def test_virus_reject_reply_doubles_percent():
     assert h._ctx.reply == ("550", "5.7.1", "100%% sure: Win.100_.Bad")
 
 
-def test_a_bug_in_our_code_is_a_451_not_a_crash(caplog):
+@pytest.fixture
+def records(caplog):
+    """The scanmilter logger's records, whether or not logs.setup() cut it off from the root."""
+    logger = logging.getLogger("scanmilter")
+    saved = logger.propagate, logger.level
+    logger.addHandler(caplog.handler)
+    logger.propagate = False                # each record once, through caplog's handler
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.propagate, logger.level = saved[0], saved[1]
+
+
+def test_a_bug_in_our_code_is_a_451_not_a_crash(records):
     h = handler(Engine("spamd", exc=None, result=None), Engine("clamd", CLEAN))   # result None -> bug
     assert feed(h, [("Subject", b" x")]) == Milter.TEMPFAIL
     assert h._ctx.reply[:2] == ("451", "4.7.1")
     assert h.rt.in_flight == 0
+    # the README promises the error "logged with its traceback"
+    [rec] = [r for r in records.records if r.levelno == logging.ERROR]
+    assert rec.getMessage() == "4XQID1: error in eom callback"
+    assert rec.exc_info and rec.exc_info[0] is AttributeError
+    assert "Traceback (most recent call last)" in records.text and "AttributeError" in records.text
 
 
 def test_an_error_before_eom_is_answered_at_eom():
@@ -189,3 +213,61 @@ def test_a_stuck_engine_thread_is_given_up_at_its_deadline():
         pl.DEADLINE_GRACE = old
         release.set()
     assert results[1].outcome == "error" and results[1].detail.startswith("timeout")
+
+
+def start(h, sender="<a@example.org>", rcpt="<u@example.com>"):
+    h.connect("client.example", 2, ("192.0.2.1", 25))
+    h.envfrom(sender)
+    h.envrcpt(rcpt)
+
+
+def test_a_flood_of_forged_verdict_headers_is_refused_unscanned_and_unedited(records):
+    spamd, clamd = Engine("spamd", HAM), Engine("clamd", CLEAN)
+    h = handler(spamd, clamd)
+    limit = h.rt.cfg.verdict_header_limit
+    start(h)
+    kept = 0
+    for i in range(20_000):
+        h.header_bytes(f"X-Spam-Flood-{i}", b" x")
+        kept = max(kept, len(h.msg.seen))
+    h.eoh()
+    h.body(b"x\r\n")
+    assert h.eom() == Milter.REJECT
+    assert h._ctx.reply == ("552", "5.6.0", "Too many header fields")
+    assert kept <= limit                                   # memory bounded by the cap
+    assert h._ctx.calls == []                              # not one header edit for Postfix to apply
+    assert spamd.seen == [] and clamd.seen == []           # not scanned
+    assert h.rt.in_flight == 0
+    lines = [r.getMessage() for r in records.records]
+    assert "4XQID1: 20000 header fields, over verdict_header_limit (50): reject, unscanned" in lines
+    [summary] = [line for line in lines if "action=" in line]
+    assert summary.startswith("4XQID1: action=reject, reason=headers, direction=inbound,")
+
+
+def test_verdict_headers_up_to_the_limit_are_all_stripped():
+    h = handler(Engine("spamd", HAM), Engine("clamd", CLEAN))
+    limit = h.rt.cfg.verdict_header_limit
+    assert feed(h, [(f"X-Spam-Forged-{i}", b" x") for i in range(limit)]) == Milter.ACCEPT
+    assert len([c for c in h._ctx.calls if c[0] == "chg" and c[3] is None]) == limit
+
+
+def test_one_header_field_over_header_count_limit_is_refused():
+    h = handler(Engine("spamd", HAM), Engine("clamd", CLEAN))
+    limit = h.rt.cfg.header_count_limit
+    assert feed(h, [(f"X-Many-{i}", b" v") for i in range(limit)]) == Milter.ACCEPT
+    h = handler(Engine("spamd", HAM), Engine("clamd", CLEAN))
+    assert feed(h, [(f"X-Many-{i}", b" v") for i in range(limit + 1)]) == Milter.REJECT
+    assert h._ctx.reply == ("552", "5.6.0", "Too many header fields") and h._ctx.calls == []
+
+
+def test_header_limit_action_tempfail_and_the_next_message_is_clean():
+    h = handler(Engine("spamd", HAM), Engine("clamd", CLEAN),
+                daemon={"header_count_limit": 10, "header_limit_action": "tempfail"})
+    assert feed(h, [("X-Many", b" v")] * 11) == Milter.TEMPFAIL
+    assert h._ctx.reply == ("451", "4.6.0", "Too many header fields, please try again later")
+    h.envfrom("<a@example.org>")                           # same connection, next transaction
+    h.envrcpt("<u@example.com>")
+    for _ in range(10):
+        h.header_bytes("X-Many", b" v")
+    h.eoh()
+    assert h.eom() == Milter.ACCEPT

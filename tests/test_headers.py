@@ -44,20 +44,71 @@ def test_subject_tagged_once_and_missing_subject_added():
     assert H.Edit("add", "Subject", 0, "[SPAM]") in run(8.0, [])
 
 
+def decoded(value: str) -> bytes:
+    """A header value as a reader gets it: unfolded (RFC 5322: a line break before white space
+    goes), then its encoded words decoded, as the bytes they carry."""
+    unfolded = re.sub(r"\r?\n(?=[ \t])", "", value)
+    return b"".join(p if isinstance(p, bytes) else p.encode("ascii")
+                    for p, _ in email.header.decode_header(unfolded))
+
+
+def assert_safe(value: str):
+    """What pymilter and Postfix can take: ASCII (valid UTF-8 for chgheader), no CR, no control
+    character but tab, and every line after the first a continuation (starts with white space)."""
+    assert value.isascii() and "\r" not in value
+    assert all(ch in "\t\n" or 32 <= ord(ch) < 127 for ch in value)
+    assert all(line[:1] in (" ", "\t") for line in value.split("\n")[1:])
+
+
 @pytest.mark.parametrize("subject, expected", [
-    (" Hello", "[SPAM] Hello"),
-    (" [SPAM] Hello", None),
+    (b" Hello", "[SPAM] Hello"),
+    (b" [SPAM] Hello", None),
     (None, "[SPAM]"),
-    (" =?utf-8?q?Gr=C3=BC=C3=9Fe?=", "[SPAM] =?utf-8?q?Gr=C3=BC=C3=9Fe?="),
-    ("", "[SPAM]"),
+    (b" =?utf-8?q?Gr=C3=BC=C3=9Fe?=", "[SPAM] =?utf-8?q?Gr=C3=BC=C3=9Fe?="),
+    (b"", "[SPAM]"),
+    (b" \t", "[SPAM]"),
+    (b" caf\xe9", "[SPAM] =?iso-8859-1?q?caf=E9?="),            # not UTF-8: every byte kept
+    (b" caf\xc3\xa9 ok", "[SPAM] =?utf-8?q?caf=C3=A9?= ok"),    # UTF-8: as UTF-8
+    (b" a\nb", "[SPAM] a b"),                                    # a bare line end is no fold
+    (b" a\r\n\tb\x00c\x1b[2J", "[SPAM] a\tb c [2J"),            # a fold unfolds; controls become spaces
 ])
 def test_tag_subject(subject, expected):
     assert H.tag_subject(subject, "[SPAM]") == expected
 
 
 def test_tagged_encoded_subject_still_decodes():
-    new = H.tag_subject(" =?utf-8?q?Gr=C3=BC=C3=9Fe?=", "[SPAM]")
+    new = H.tag_subject(b" =?utf-8?q?Gr=C3=BC=C3=9Fe?=", "[SPAM]")
     assert str(email.header.make_header(email.header.decode_header(new))) == "[SPAM] Grüße"
+
+
+@pytest.mark.parametrize("raw", [
+    b" caf\xe9",                                   # Latin-1 from the wire
+    b" Gr\xfc\xdfe aus K\xf6ln, 100% sicher",      # Latin-1 words among ASCII ones
+    "  Grüße aus Köln = ? _ \t und  mehr ".encode(),       # UTF-8, spaces and tabs between
+    "你好 世界".encode() * 20,                     # long: several encoded words, folded
+    b"\xff\xfe" * 80,                              # invalid anywhere, long
+    b" ok " + "ü".encode() + b"\xe9",               # one word mixing UTF-8 and a stray byte
+])
+def test_tagged_subject_keeps_every_byte(raw):
+    new = H.tag_subject(raw, "[SPAM]")
+    assert_safe(new)
+    assert decoded(new) == b"[SPAM] " + raw.strip(b" \t")
+    assert all(len(line) <= 78 for line in ("Subject: " + new).split("\n"))
+
+
+def test_space_next_to_an_encoded_word_survives_decoding():
+    # decoders drop white space between two encoded words: the space must travel inside ours
+    raw = b" =?utf-8?q?Gr=C3=BC=C3=9Fe?= caf\xe9 =?utf-8?q?aus?= K\xf6ln"
+    new = H.tag_subject(raw, "[SPAM]")
+    assert_safe(new)
+    assert decoded(new) == "[SPAM] Grüße caf".encode() + b"\xe9 aus K\xf6ln"
+
+
+def test_a_folded_subject_stays_folded_validly():
+    raw = b" first line of a long subject\r\n\tsecond line with caf\xe9\r\n third"
+    new = H.tag_subject(raw, "[SPAM]")
+    assert_safe(new)
+    assert decoded(new) == b"[SPAM] first line of a long subject\tsecond line with caf\xe9 third"
 
 
 REWRITES = """

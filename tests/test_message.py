@@ -66,3 +66,37 @@ def test_recipients_keep_their_raw_form():
     m = Message("a@b", Spool(10, 10))
     m.add_recipient("<Bob@Example.com>")
     assert m.recipients == ["Bob@Example.com"] and m.raw_recipients == {"Bob@Example.com": "<Bob@Example.com>"}
+
+
+def test_past_the_verdict_header_cap_nothing_more_is_kept():
+    m = Message("a@b", Spool(1 << 20, 8 << 20), header_limit=1000, verdict_limit=50)
+    keep = lambda name: name.startswith("x-spam-") or name == "subject"   # noqa: E731
+    m.add_header("Subject", b" hi", keep)
+    for i in range(100_000):
+        m.add_header(f"X-Spam-Flood-{i}", b" x", keep)
+        assert len(m.seen) <= 51 and len(m._counts) <= 51          # bounded while the flood goes on
+    assert m.over_limit == "verdict_header_limit" and m.seen == [] and m.verdict_count == 51
+    assert m.header_count == 100_001
+    m.end_headers()
+    assert m.spool.getvalue().count(b"\r\n") == 100_002              # still read and stored, within the spool's limit
+
+
+def test_past_the_header_count_cap_nothing_more_is_kept():
+    m = Message("a@b", Spool(1 << 20, 1 << 20), header_limit=100, verdict_limit=50)
+    keep = lambda name: True                                          # noqa: E731
+    for i in range(100):
+        m.add_header(f"X-Many-{i}", b" v", keep)
+    assert m.over_limit == "" and len(m.seen) == 100                 # at the cap: still fine
+    for i in range(100, 10_000):
+        m.add_header(f"X-Many-{i}", b" v", keep)
+        assert len(m.seen) <= 100 and len(m._counts) <= 100
+    assert m.over_limit == "header_count_limit" and m.header_count == 10_000
+
+
+def test_past_a_cap_the_spool_keeps_its_own_size_limit():
+    m = Message("a@b", Spool(memory_limit=1000, size_limit=5000), header_limit=10, verdict_limit=10)
+    for i in range(1000):
+        m.add_header("X-Many", b" " + b"v" * 50, lambda name: True)
+    assert m.over_limit == "header_count_limit"
+    assert m.spool.stored == 5000 and m.spool.oversize and m.size > 50_000
+    m.close()

@@ -1,10 +1,12 @@
 """Metric names and labels follow Prometheus conventions; the dashboard asks only for what exists."""
 import json
+import platform
 import re
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from conftest import ROOT
+from scanmilter import __version__
 from scanmilter.metrics import Metrics
 
 ALLOWED_LABELS = {"direction", "action", "reason", "engine", "outcome", "kind", "callback", "result", "le",
@@ -38,8 +40,17 @@ def test_quarantine_actions_are_counters_from_the_store_tallies():
 
 
 def test_private_registries_do_not_collide():
-    Metrics(CollectorRegistry())
-    Metrics(CollectorRegistry())          # a second instance in the same process is fine
+    a, b = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())    # a second instance is fine
+    a.messages.labels("inbound", "accept").inc(3)
+    accepted = ("scanmilter_messages_total", {"direction": "inbound", "action": "accept"})
+    assert a.registry.get_sample_value(*accepted) == 3
+    assert b.registry.get_sample_value(*accepted) is None                # counted in `a` only
+    assert a.names() == b.names() and "scanmilter_messages_total" in a.names()
+    # without a registry each instance still gets its own, never the process-wide default
+    c, d = Metrics(), Metrics()
+    assert c.registry is not d.registry and REGISTRY not in (c.registry, d.registry)
+    assert REGISTRY.get_sample_value("scanmilter_build_info", {"version": __version__,
+                                                               "python": platform.python_version()}) is None
 
 
 def test_every_dashboard_query_names_exported_metrics():

@@ -199,6 +199,33 @@ def test_allow_listed_sender_skips_spam_but_not_viruses(tmp_path):
     assert decide(clamd("found", "V"), env=env, policy=pol).action == "reject"
 
 
+def test_allow_senders_clients_stops_a_forged_sender_buying_an_exemption(tmp_path):
+    pol = policy_from(tmp_path, LISTS + 'allow_senders_clients = ["192.0.2.64/26"]\n')
+    spam = spamd(20.0)
+    forged = P.Envelope("203.0.113.7", sender="anyone@partner.test", recipients=("b@example.com",))
+    assert P.engines_needed(forged, pol) == {"clamd", "spamd"}
+    assert decide(spam, clamd(), env=forged, policy=pol).action == "reject"
+    for env in (P.Envelope("192.0.2.70", sender="anyone@partner.test", recipients=("b@example.com",)),
+                P.Envelope("203.0.113.7", auth_user="partner", sender="anyone@partner.test",
+                           recipients=("b@example.com",))):
+        out = decide(clamd(), env=env, policy=pol)
+        assert out.reason == "allowed" and P.engines_needed(env, pol) == {"clamd"}, env
+    # without the setting the envelope sender alone is enough, as documented
+    assert decide(clamd(), env=forged, policy=policy_from(tmp_path, LISTS)).reason == "allowed"
+
+
+def test_an_engine_skipped_for_its_size_makes_the_message_oversize(tmp_path):
+    strict = policy_from(tmp_path, '[inbound]\noversize_action = "reject"\n')
+    for skipped in (ScanResult("clamd", "skipped", "size"), ScanResult("clamd", "skipped", "limits")):
+        out = decide(spamd(0.0), skipped, policy=strict)
+        assert (out.action, out.reason, out.reply[:2]) == ("reject", "oversize", ("552", "5.3.4")), skipped
+        assert decide(spamd(0.0), skipped).reason == "oversize"            # default: accepted, marked
+    out = decide(ScanResult("spamd", "skipped", "size"), clamd(), policy=strict)
+    assert out.action == "reject" and out.reason == "oversize"
+    # a skip that is not about size changes nothing
+    assert decide(ScanResult("spamd", "skipped", "decided"), clamd(), policy=strict).action == "accept"
+
+
 def test_allow_can_skip_virus_scan_only_when_said(tmp_path):
     pol = policy_from(tmp_path, LISTS + "allow_skips_virus_scan = true\n")
     env = P.Envelope("198.51.100.9", sender="a@o.test", recipients=("b@example.com",))

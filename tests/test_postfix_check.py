@@ -18,7 +18,7 @@ message_size_limit = 10240000
 MASTER_NO_CHROOT = "smtp inet n - n - - smtpd\n"
 
 
-def check(tmp_path, capsys, main_cf=GOOD, master=MASTER_NO_CHROOT, clamd="StreamMaxLength 25M\n", settings=""):
+def check(tmp_path, capsys, main_cf=GOOD, master=MASTER_NO_CHROOT, clamd="StreamMaxLength 25M\nAlertExceedsMax yes\n", settings=""):
     (tmp_path / "main.cf").write_text(main_cf)
     (tmp_path / "master.cf").write_text(master)
     (tmp_path / "clamd.conf").write_text(clamd)
@@ -44,11 +44,36 @@ def test_a_correct_setup_passes(tmp_path, capsys):
     (lambda m: m.replace("message_size_limit = 10240000", "message_size_limit = 104857600"),
      "warning", "Postfix accepts messages up to 104857600 bytes"),
     (lambda m: m.replace("milter_protocol = 6", "milter_protocol = 2"), "warning", "milter_protocol is below 6"),
+    (lambda m: m + "milter_connect_macros = {daemon_name} v _\n", "warning", "milter_connect_macros lacks j"),
+    (lambda m: m + "milter_helo_macros =\n", "warning", "milter_helo_macros lacks {tls_version}"),
 ])
 def test_each_mistake_is_reported_with_a_fix(tmp_path, capsys, change, level, words):
     rc, out = check(tmp_path, capsys, main_cf=change(GOOD))
     assert f"{level}: " in out and words in out and "  fix: " in out, out
     assert rc == (1 if level == "error" else 0)
+
+
+def test_clamd_without_alert_exceeds_max_is_an_error(tmp_path, capsys):
+    for conf in ("StreamMaxLength 25M\n", "StreamMaxLength 25M\nAlertExceedsMax no\n"):
+        rc, out = check(tmp_path, capsys, clamd=conf)
+        assert rc == 1 and "lacks AlertExceedsMax yes" in out and "fix: AlertExceedsMax yes" in out, out
+
+
+@pytest.mark.parametrize("settings, words", [
+    ("clamd_size_limit = 1048576\n", "messages of 1048577 to 26214400 bytes are not sent to clamd"),
+    ('spamd_oversize_action = "skip"\n', "messages of 524289 to 26214400 bytes are not sent to spamd"),
+])
+def test_every_band_of_unscanned_sizes_is_reported(tmp_path, capsys, settings, words):
+    rc, out = check(tmp_path, capsys, settings=settings)
+    assert rc == 0 and f"warning: {words}" in out, out
+
+
+def test_authenticated_senders_unseen_by_spamd_warns_even_when_inbound(tmp_path, capsys):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[directions]\nauthenticated_is_outbound = false\n")
+    rc, out = check(tmp_path, capsys, main_cf=GOOD.replace("{auth_authen} ", ""),
+                    settings=f'policy_file = "{policy}"\n')
+    assert rc == 0 and "warning: milter_mail_macros lacks {auth_authen}: spamd cannot see" in out, out
 
 
 def test_clamd_stream_limit_below_ours(tmp_path, capsys):

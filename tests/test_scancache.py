@@ -7,8 +7,8 @@ from scanmilter import policyfile
 from scanmilter.message import Spool
 from scanmilter.pipeline import DECIDED, Pipeline, scan_pool
 from scanmilter.policy import Envelope
-from scanmilter.scancache import CACHED, Fingerprint, ScanCache
-from scanmilter.scanners import ScanResult
+from scanmilter.scancache import CACHE_IGNORED_HEADERS, CACHED, Fingerprint, ScanCache
+from scanmilter.scanners import Origin, ScanResult
 
 HAM = ScanResult("spamd", "clean", score=0.1, required=5.0, rules=("NO_RELAYS",))
 CLEAN = ScanResult("clamd", "clean")
@@ -17,25 +17,62 @@ POOL = scan_pool(4)
 ENVELOPE = Envelope("192.0.2.1", "", "smtpd", "a@outside.test", ("u@example.com",))
 
 
-def fingerprint(client="192.0.2.1", headers=(), body=b"body\r\n"):
-    f = Fingerprint(client)
+def fingerprint(client="192.0.2.1", headers=(), body=b"body\r\n", helo="mail.shop.test", auth=""):
+    f = Fingerprint(Origin(client, "mail.shop.test", helo, auth).key())
     for name, value in headers:
         f.header(name, value)
     f.body(body)
     return f.digest()
 
 
+MAILING = [("Received", b" from a"), ("From", b" news@shop.test"), ("To", b" a@x"), ("Subject", b" Sale"),
+           ("Message-ID", b" <1@shop>"), ("Date", b" Thu, 26 Nov 2026 10:00:00 +0000"),
+           ("Content-Type", b" text/plain"), ("DKIM-Signature", b" v=1; b=AAA")]
+
+
 def test_copies_of_one_mailing_share_a_fingerprint():
-    one = fingerprint(headers=[("From", b" news@shop.test"), ("To", b" a@x"), ("Subject", b" Sale"),
-                               ("Message-ID", b" <1@shop>"), ("Received", b" from a")])
-    two = fingerprint(headers=[("Received", b" from b"), ("from", b" news@shop.test"), ("To", b" b@x"),
-                               ("Subject", b" Sale "), ("Message-ID", b" <2@shop>")])
-    assert one == two
-    base = dict(headers=[("From", b" news@shop.test"), ("Subject", b" Sale")])
-    assert fingerprint(**base) != fingerprint(**base, body=b"body!\r\n")
-    assert fingerprint(**base) != fingerprint(client="198.51.100.7", **base)
-    assert fingerprint(**base) != fingerprint(headers=[("From", b" other@shop.test"), ("Subject", b" Sale")])
-    assert fingerprint(**base) != fingerprint(headers=[("From", b" news@shop.test"), ("Subject", b" Sale 2")])
+    copy = [("Received", b" from b"), ("From", b" news@shop.test"), ("To", b" b@x"), ("Subject", b" Sale"),
+            ("Message-ID", b" <2@shop>"), ("Date", b" Thu, 26 Nov 2026 10:00:01 +0000"),
+            ("Content-Type", b" text/plain"), ("DKIM-Signature", b" v=1; b=BBB")]
+    assert fingerprint(headers=MAILING) == fingerprint(headers=copy)
+
+
+def changed(index, value):
+    return [(n, value if i == index else v) for i, (n, v) in enumerate(MAILING)]
+
+
+def test_anything_an_engine_reads_changes_the_fingerprint():
+    base = fingerprint(headers=MAILING)
+    # how the engines decode the message: the EICAR-as-text/plain poisoning
+    assert base != fingerprint(headers=changed(6, b' application/octet-stream; name="invoice.exe"'))
+    assert base != fingerprint(headers=MAILING + [("Content-Transfer-Encoding", b" base64")])
+    assert base != fingerprint(headers=changed(1, b" other@shop.test"))
+    assert base != fingerprint(headers=changed(3, b" Sale "))          # exact bytes, not a normalised form
+    assert base != fingerprint(headers=[(n.lower(), v) for n, v in MAILING])
+    assert base != fingerprint(headers=MAILING[1:] + MAILING[:1])    # order: clamd types mail by the first name
+    assert base != fingerprint(headers=MAILING + [("X-Anything", b" 1")])
+    assert base != fingerprint(headers=MAILING, body=b"body!\r\n")
+    # where it came from, as spamd sees it
+    assert base != fingerprint(client="198.51.100.7", headers=MAILING)
+    assert base != fingerprint(helo="other.test", headers=MAILING)
+    assert base != fingerprint(auth="alice", headers=MAILING)
+    # no field can bleed into the next one
+    assert fingerprint(headers=[("X-A", b" 1X-B: 2")]) != fingerprint(headers=[("X-A", b" 1"), ("X-B", b" 2")])
+
+
+def test_ignored_headers_are_a_setting():
+    from scanmilter import config
+    cfg = config.load(None)
+    assert cfg.scan_cache_ignored_headers == list(CACHE_IGNORED_HEADERS)
+    strict = ScanCache(60, 10, ignored_headers=()).fingerprint(b"origin")
+    loose = ScanCache(60, 10).fingerprint(b"origin")
+    for f in (strict, loose):
+        f.header("To", b" a@x")
+    other_strict, other_loose = ScanCache(60, 10, ignored_headers=()).fingerprint(b"origin"), \
+        ScanCache(60, 10).fingerprint(b"origin")
+    for f in (other_strict, other_loose):
+        f.header("To", b" b@x")
+    assert strict.digest() != other_strict.digest() and loose.digest() == other_loose.digest()
 
 
 def test_entries_expire_are_bounded_and_never_hold_errors():
@@ -130,3 +167,26 @@ def test_a_slow_clamd_does_not_hold_spamd_back():
     inspection = pipe.inspect(spool(), ENVELOPE, policy())
     assert [r.outcome for r in inspection.results] == ["clean", "clean"]
     assert waited == [True]
+
+
+def test_zero_seconds_turn_the_cache_and_the_head_start_off(tmp_path):
+    from scanmilter import app, config
+    path = tmp_path / "scanmilter.toml"
+    path.write_text("scan_cache_seconds = 0\nclamd_head_start = 0\n")
+    cfg = config.load(str(path))                 # refused at start-up before: "must be more than 0 seconds"
+    pipe = app.build_pipeline(cfg, POOL, None, None)
+    assert not pipe.cache.enabled and pipe.head_start == 0
+    for bad in ("scan_cache_seconds = -1\n", "clamd_head_start = -0.5\n", "clamd_timeout = 0\n"):
+        path.write_text(bad)
+        try:
+            config.load(str(path))
+        except config.ConfigError as e:
+            assert "seconds" in str(e)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+    # both engines start at once: a virus reaches spamd too, and a repeat is scanned again
+    spamd, clamd = Engine("spamd", HAM), Engine("clamd", VIRUS)
+    pipe = Pipeline([spamd, clamd], POOL, cache=pipe.cache, head_start=0)
+    for _ in range(2):
+        pipe.inspect(spool(), ENVELOPE, policy(), key=b"k")
+    assert (spamd.calls, clamd.calls) == (2, 2)

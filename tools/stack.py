@@ -198,7 +198,9 @@ class Stack:
                  "FixStaleSocket": "yes", "TCPSocket": self.clamd_port, "TCPAddr": "127.0.0.1",
                  "DatabaseDirectory": r / "clamd/db", "TemporaryDirectory": r / "clamd/tmp",
                  "PidFile": r / "clamd/clamd.pid", "LogFile": self.logs["clamd"], "LogTime": "yes",
-                 "StreamMaxLength": "25M", "MaxThreads": 4, "SelfCheck": 3600, **self.clamd_settings}
+                 "StreamMaxLength": "25M", "MaxThreads": 4, "SelfCheck": 3600,
+                 # content over clamd's own limits is reported, not passed as OK (see the README)
+                 "AlertExceedsMax": "yes", **self.clamd_settings}
         # no "User": run as root clamd stays root, which can read anything under DIR
         (r / "clamd/clamd.conf").write_text("".join(f"{k} {v}\n" for k, v in clamd.items()))
 
@@ -216,6 +218,9 @@ report_safe 0
 header   SCANMILTER_TAG_TEST Subject =~ /scanmilter-tag-test/
 describe SCANMILTER_TAG_TEST scanmilter test rule, tags without reaching reject
 score    SCANMILTER_TAG_TEST 8.0
+header   SCANMILTER_RELAY_TEST X-Spam-Relays-Untrusted =~ /^\\[ ip=203\\.0\\.113\\.7 /
+describe SCANMILTER_RELAY_TEST scanmilter test rule: spamd sees the outside test client as the first relay
+score    SCANMILTER_RELAY_TEST 0.001
 """)
 
         # scanmilter
@@ -276,6 +281,7 @@ non_smtpd_milters = {milter}
 milter_default_action = tempfail
 milter_protocol = 6
 milter_connect_macros = j {{daemon_name}} {{daemon_addr}} v _ {{client_addr}} {{client_name}} {{client_port}}
+milter_helo_macros = {{tls_version}} {{cipher}} {{cipher_bits}} {{cert_subject}} {{cert_issuer}}
 milter_mail_macros = i {{auth_type}} {{auth_authen}} {{auth_author}} {{mail_addr}} {{mail_host}} {{mail_mailer}}
 milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
 """
@@ -532,6 +538,36 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
                 if files:
                     return False
         return True
+
+    def drained(self):
+        """True when Postfix holds no mail and the sink has finished writing every message."""
+        return self.queue_empty() and not any(f.startswith(f"{self.delivered_dir}/") for f in self._open_dumps())
+
+    def wait_logged(self, text, count=1, service="scanmilter", timeout=30):
+        """Wait until `service`'s log has at least `count` lines containing `text`; return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [ln for ln in self.logs[service].read_text(errors="replace").splitlines() if text in ln]
+            if len(lines) >= count:
+                return lines
+            if time.monotonic() > deadline:
+                raise StackError(f"{len(lines)} of {count} lines with {text!r} in the {service} log after "
+                                 f"{timeout}s;{self._tails(service)}")
+            time.sleep(0.05)
+
+    def wait_drained(self, timeout=60, logged=None):
+        """Wait until Postfix is done with everything sent so far (delivered, bounced or dropped:
+        nothing queued, nothing half-written in the sink), so that a message that is absent now
+        stays absent and a count of copies is final. `logged`: also wait for a scanmilter log line
+        containing this text, such as "QUEUEID: action=" for a message's summary line."""
+        deadline = time.monotonic() + timeout
+        if logged is not None:
+            self.wait_logged(logged, timeout=timeout)
+        while not self.drained():
+            if time.monotonic() > deadline:
+                raise StackError(f"Postfix queue not empty after {timeout}s; postfix log:\n"
+                                 f"{_tail(self.logs['postfix'])}")
+            time.sleep(0.05)
 
 
 def _parse_dump(path):

@@ -57,14 +57,33 @@ def build_engines(cfg) -> list:
 
 def build_pipeline(cfg, pool, health, metrics) -> Pipeline:
     return Pipeline(build_engines(cfg), pool, health, metrics,
-                    ScanCache(cfg.scan_cache_seconds, cfg.scan_cache_entries), cfg.clamd_head_start)
+                    ScanCache(cfg.scan_cache_seconds, cfg.scan_cache_entries, cfg.scan_cache_ignored_headers),
+                    cfg.clamd_head_start)
 
 
 def load_all(config_path: str | None):
     """(settings, policy, policy warnings); raises ConfigError."""
     cfg = config.load(config_path)
     policy, warnings = policyfile.check(cfg.policy_file, quarantine_available=bool(cfg.quarantine_directory))
-    return cfg, policy, warnings
+    return cfg, policy, warnings + [f"{cfg.source}: {gap}" for gap in config.size_gaps(cfg)]
+
+
+def with_socket_mode(open_socket, milter_socket: str, mode: int):
+    """Wrap pymilter's milter.opensocket: create the socket under a umask that allows at most
+    `mode`, then give a unix socket exactly `mode`; the process umask is restored at once."""
+    import stat
+
+    def wrapper(*args):
+        old = os.umask(0o777 & ~mode)
+        try:
+            result = open_socket(*args)
+        finally:
+            os.umask(old)
+        kind, _, path = milter_socket.partition(":")
+        if kind in ("unix", "local") and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.chmod(path, mode)
+        return result
+    return wrapper
 
 
 def open_store(cfg) -> quarantine.Store | None:
@@ -141,8 +160,9 @@ def serve(config_path: str | None) -> int:
                 log.warning("milter socket is TCP but TCP_NODELAY could not be set: expect a 40 ms stall "
                             "per message; a unix socket avoids it")
         milter.opensocket = transport.set_nodelay_on_new_listeners(milter.opensocket, opened)
-    # libmilter creates the socket with the process umask; this gives it milter_socket_mode.
-    os.umask(0o777 & ~int(cfg.milter_socket_mode, 8))
+    # libmilter creates a unix socket with the process umask. That umask (from milter_socket_mode)
+    # is set around the call only: quarantine directories made later, on a reload, must not get it.
+    milter.opensocket = with_socket_mode(milter.opensocket, cfg.milter_socket, int(cfg.milter_socket_mode, 8))
     signals = Signals()
     signals.install()      # before the milter thread exists, so only the main thread takes them
     failure: list[BaseException] = []
@@ -224,8 +244,21 @@ def check(runtime) -> None:
                 runtime.clamd_db_version = version[0]
                 m.clamav_db_version.set(version[0])
                 m.clamav_db_time.set(version[1])
-    if runtime.store is not None:
-        stats = runtime.store.stats()
+    store = runtime.store
+    if store is not None:
+        # an index write that failed (locked, disk full) left a marker: rebuild, so that no held
+        # entry stays missing from `list` and `purge`
+        skipped: list[tuple[str, str]] = []
+        try:
+            rebuilt = store.repair_index(skipped)
+        except quarantine.StoreError as e:
+            log.warning("quarantine: %s; trying again at the next check", logs.escape(str(e), 1000))
+            return
+        if rebuilt is not None:
+            log.info("quarantine: index rebuilt from the entry files: %d entries", rebuilt)
+        for entry_id, reason in skipped:
+            log.warning("quarantine: entry %s left out of the index: %s", entry_id, logs.escape(reason, 1000))
+        stats = store.stats()
         m.quarantine_entries.clear()
         m.quarantine_bytes.clear()
         for reason, v in stats["by_reason"].items():
@@ -233,7 +266,7 @@ def check(runtime) -> None:
             m.quarantine_bytes.labels(reason).set(v["bytes"])
         m.quarantine_oldest.set(time.time() - stats["oldest"] if stats["oldest"] else 0)
         m.quarantine_released.set(stats["released"])
-        m.quarantine_actions.set(runtime.store.tallies())
+        m.quarantine_actions.set(store.tallies())
 
 
 def drain(runtime, timeout: float) -> int:

@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .scancache import CACHE_IGNORED_HEADERS
+
 KiB, MiB = 1024, 1024 * 1024
 
 
@@ -29,6 +31,7 @@ class Setting:
     doc: str
     choices: tuple = ()
     check: Callable[[Any], str | None] | None = None   # returns an error text or None
+    zero_is_off: bool = False    # seconds: 0 turns the feature off instead of being refused
 
 
 def _milter_socket(v: str) -> str | None:
@@ -53,6 +56,13 @@ def _level(v: Any) -> str | None:
     if v == "spamd" or (isinstance(v, (int, float)) and not isinstance(v, bool)):
         return None
     return 'expected a score (number) or "spamd" (use spamd\'s own required score)'
+
+
+def _cache_ignored(v: list) -> str | None:
+    decoding = [n for n in v if n.lower().startswith("content-") or n.lower() == "mime-version"]
+    if decoding:
+        return f"{decoding[0]} tells the engines how to decode the message; its value must stay in the key"
+    return None
 
 
 def _reply_text(v: str) -> str | None:
@@ -85,8 +95,17 @@ DAEMON_SETTINGS = [
             "where message spools larger than spool_memory_limit go (unnamed files); empty: $TMPDIR or /tmp"),
     Setting("spool_memory_limit", 1 * MiB, "bytes",
             "a message up to this size is held in memory; larger ones spill to spool_directory"),
-    Setting("message_size_limit", 50 * MiB, "bytes",
+    Setting("message_size_limit", 25 * MiB, "bytes",
             "bytes stored per message; beyond it the message is read but not stored and oversize_action applies"),
+    Setting("header_count_limit", 1000, "count",
+            "header fields per message (real mail has a few dozen); past it the message is read, not kept, "
+            "and refused with header_limit_action, unscanned"),
+    Setting("verdict_header_limit", 50, "count",
+            "X-Spam-*, X-Virus-* and X-Quarantine-* fields per message (each forged one costs Postfix an edit); "
+            "past it the message is refused with header_limit_action, unscanned"),
+    Setting("header_limit_action", "reject", "choice",
+            "a message past header_count_limit or verdict_header_limit: reject (552 5.6.0) or tempfail (451 4.6.0)",
+            choices=("reject", "tempfail")),
     Setting("scan_threads", 32, "count",
             "worker threads shared by all messages for scanning engines in parallel"),
     Setting("shutdown_timeout", 30.0, "seconds",
@@ -108,19 +127,24 @@ DAEMON_SETTINGS = [
     Setting("engine_retry_interval", 10.0, "seconds",
             "while the circuit is open, one message tries the engine again this often"),
     Setting("scan_cache_seconds", 600.0, "seconds",
-            "results of a message are reused for identical copies (same client, From, Subject and body) "
-            "this long; 0: off"),
+            "results of a message are reused for identical copies (same client, HELO and login, same headers "
+            "but for scan_cache_ignored_headers, same body) this long; 0: off", zero_is_off=True),
+    Setting("scan_cache_ignored_headers", list(CACHE_IGNORED_HEADERS), "list",
+            "headers whose values may differ between copies that share a cached result (never a Content-* "
+            "header; drop Received when a trusted relay stands between the client and this Postfix)",
+            check=_cache_ignored),
     Setting("scan_cache_entries", 20000, "count", "most results kept in the scan cache (oldest go first)"),
     Setting("clamd_head_start", 0.1, "seconds",
             "spamd waits this long for clamd; mail clamd finds infected and policy refuses is never sent "
-            "to spamd; 0: both at once"),
+            "to spamd; 0: both at once", zero_is_off=True),
     Setting("clamd_enabled", True, "switch", "scan for viruses with clamd"),
     Setting("clamd_socket", "unix:/run/clamav/clamd.ctl", "socket",
             "clamd's address: unix:/path or inet:HOST:PORT", check=_client_socket),
     Setting("clamd_connect_timeout", 2.0, "seconds", "how long to wait for clamd to accept a connection"),
     Setting("clamd_timeout", 30.0, "seconds", "how long a clamd scan may take in all"),
     Setting("clamd_size_limit", 25 * MiB, "bytes",
-            "messages larger than this are not sent to clamd (keep it at or below clamd's StreamMaxLength)"),
+            "messages larger than this are not sent to clamd and get oversize_action (at or below clamd's "
+            "StreamMaxLength; at or above message_size_limit leaves no gap)"),
     Setting("spamd_enabled", True, "switch", "score spam with SpamAssassin's spamd"),
     Setting("spamd_socket", "inet:127.0.0.1:783", "socket",
             "spamd's address: unix:/path or inet:HOST:PORT", check=_client_socket),
@@ -128,9 +152,9 @@ DAEMON_SETTINGS = [
     Setting("spamd_timeout", 30.0, "seconds", "how long a spamd check may take in all"),
     Setting("spamd_size_limit", 512 * KiB, "bytes",
             "messages larger than this are skipped or truncated for spamd (spamc's default is 500 KB)"),
-    Setting("spamd_oversize_action", "skip", "choice",
-            "for a message over spamd_size_limit: skip spamd, or send only its first spamd_size_limit bytes",
-            choices=("skip", "truncate")),
+    Setting("spamd_oversize_action", "truncate", "choice",
+            "for a message over spamd_size_limit: send spamd only its first spamd_size_limit bytes, or skip "
+            "spamd (the message then gets oversize_action)", choices=("skip", "truncate")),
     Setting("spamd_user", "", "text", "user name passed to spamd for per-user preferences; empty: none"),
 ]
 
@@ -215,7 +239,11 @@ DIRECTIONS_SETTINGS = [
 
 LISTS_SETTINGS = [
     Setting("allow_senders", [], "address list", "senders (user@example.org or example.org) exempt from spam "
-            "checks", check=_addresses),
+            "checks; the envelope sender is the client's word, anyone can forge it (see allow_senders_clients)",
+            check=_addresses),
+    Setting("allow_senders_clients", [], "CIDR list",
+            "when set, allow_senders counts only for mail from these client networks or from SASL-authenticated "
+            "senders; empty: from anywhere", check=_cidrs),
     Setting("allow_clients", [], "CIDR list", "client networks exempt from spam checks", check=_cidrs),
     Setting("allow_recipients", [], "address list", "recipients who get their mail without spam checks",
             check=_addresses),
@@ -263,8 +291,9 @@ def _check_value(s: Setting, value: Any, where: str) -> Any:
     elif isinstance(d, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {s.name} must be a number ({s.unit}), not {value!r}")
-        if s.unit == "seconds" and value <= 0:
-            raise ConfigError(f"{where}: {s.name} must be more than 0 seconds, not {value!r}")
+        if s.unit == "seconds" and (value < 0 or value == 0 and not s.zero_is_off):
+            least = "0 (off) or more" if s.zero_is_off else "more than 0"
+            raise ConfigError(f"{where}: {s.name} must be {least} seconds, not {value!r}")
         value = float(value)
     elif isinstance(d, list):
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
@@ -341,6 +370,21 @@ def load(path: str | None) -> Values:
         raise ConfigError(f"{cfg.source}: spool_memory_limit ({cfg.spool_memory_limit}) is larger than "
                           f"message_size_limit ({cfg.message_size_limit})")
     return cfg
+
+
+def size_gaps(cfg: Values) -> list[str]:
+    """Bands of message sizes that an enabled engine does not scan, one line each. Such mail is
+    never passed as scanned: it gets the policy's oversize_action, like mail over
+    message_size_limit; these lines tell the operator that the band exists."""
+    gaps = []
+    if cfg.clamd_enabled and cfg.clamd_size_limit < cfg.message_size_limit:
+        gaps.append(f"messages of {cfg.clamd_size_limit + 1} to {cfg.message_size_limit} bytes are not sent to "
+                    f"clamd (clamd_size_limit {cfg.clamd_size_limit} < message_size_limit); they get oversize_action")
+    if cfg.spamd_enabled and cfg.spamd_oversize_action == "skip" and cfg.spamd_size_limit < cfg.message_size_limit:
+        gaps.append(f"messages of {cfg.spamd_size_limit + 1} to {cfg.message_size_limit} bytes are not sent to "
+                    f"spamd (spamd_oversize_action = \"skip\", spamd_size_limit {cfg.spamd_size_limit}); they get "
+                    "oversize_action")
+    return gaps
 
 
 def parse_client_socket(v: str) -> tuple[str, Any]:

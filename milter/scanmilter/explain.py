@@ -7,7 +7,7 @@ from . import headers as H
 from . import policy as P
 from .message import Message, Spool
 from .pipeline import Pipeline, scan_pool
-from .scanners import CLEAN, FOUND, ScanResult
+from .scanners import CLEAN, FOUND, Origin, ScanResult, Submission
 from .verdict import combine
 
 
@@ -43,7 +43,9 @@ def explain(data: bytes, envelope: P.Envelope, policy: P.Policy, engines: list,
         out.append("scan: given on the command line (no scanner asked)")
     else:
         with scan_pool(len(engines)) as pool:
-            results = Pipeline(engines, pool).scan(msg.spool, needed)
+            # spamd judges the client too: give it the client the envelope names
+            origin = Origin(envelope.client_address, auth_user=envelope.auth_user)
+            results = Pipeline(engines, pool).scan(Submission(msg.spool, origin), needed)
     for r in results:
         what = {"clamd": f"{', '.join(r.viruses) or 'no virus'}",
                 "spamd": f"score {P.fmt_score(r.score)} (spamd requires {P.fmt_score(r.required)}), "

@@ -6,6 +6,7 @@ them); an exception there is remembered and answered with our 451 at end of mess
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import time
@@ -17,13 +18,17 @@ from . import policy as P
 from . import transport
 from .logs import escape, log, summary
 from .message import Connection, Message, Spool
-from .scancache import Fingerprint
+from .scanners import Origin, Submission
 from .metrics import Metrics
+from .verdict import Verdict
 
 INTERNAL_ERROR_REPLY = ("451", "4.7.1", "Internal error in the content filter, please try again later")
 _MILTER_ACTION = {P.ACCEPT: Milter.ACCEPT, P.REJECT: Milter.REJECT,
                   P.TEMPFAIL: Milter.TEMPFAIL, P.DISCARD: Milter.DISCARD}
 STORE_FAILED_REPLY = ("451", "4.7.1", "Message cannot be held for review now, please try again later")
+# header_limit_action; 552 5.6.0 as sendmail answers headers over its MaxHeadersLength
+HEADER_LIMIT_REPLIES = {P.REJECT: ("552", "5.6.0", "Too many header fields"),
+                        P.TEMPFAIL: ("451", "4.6.0", "Too many header fields, please try again later")}
 
 
 # Protocol flags that make Postfix skip a stage or not wait for its answer. Unknown SMTP
@@ -101,10 +106,18 @@ class Handler(Milter.Base):
     @guarded
     def connect(self, hostname, family, hostaddr):
         address = hostaddr[0] if isinstance(hostaddr, tuple) and hostaddr else ""
-        self.conn = Connection(address, hostname or "", self.getsymval("{daemon_name}") or "")
+        self.conn = Connection(address, hostname or "", self.getsymval("{daemon_name}") or "",
+                               self.getsymval("j") or "")
         if not self.counted:
             self.counted = True
             self.rt.metrics.connections_in_flight.inc()
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    @guarded
+    def hello(self, name):
+        # for the Received line spamd sees; a repeated EHLO (after STARTTLS) replaces it
+        self.conn.helo = name or ""
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -116,11 +129,15 @@ class Handler(Milter.Base):
         spool = Spool(cfg.spool_memory_limit, cfg.message_size_limit, cfg.spool_directory or None)
         self.msg = Message(sender.strip("<>"), spool, auth_user=self.getsymval("{auth_authen}") or "",
                            policy=self.rt.policy)
+        conn = self.conn
+        self.msg.origin = Origin(conn.client_address, conn.client_name, conn.helo, self.msg.auth_user,
+                                 bool(self.getsymval("{tls_version}")), conn.hostname)
         pipeline = self.rt.pipeline
         if pipeline.cache.enabled and pipeline.engines:
-            self.msg.fingerprint = Fingerprint(self.conn.client_address)
+            self.msg.fingerprint = pipeline.cache.fingerprint(self.msg.origin.key())
         names = self.msg.policy.header_names()
         self._keep = lambda name: name in names or name.startswith(P.VERDICT_HEADER_PREFIXES)
+        self.msg.header_limit, self.msg.verdict_limit = cfg.header_count_limit, cfg.verdict_header_limit
         self.rt.begin()
         self.conn.messages += 1
         return Milter.CONTINUE
@@ -159,13 +176,16 @@ class Handler(Milter.Base):
                       self.getsymval("i") or "NOQUEUE")
             self._end_message()
             return Milter.TEMPFAIL
+        if msg.over_limit:
+            return self._refuse_over_header_limit(msg)
         eom_started = time.monotonic()
         msg.queue_id = qid = self.getsymval("i") or ""
         conn = self.conn
         envelope = P.Envelope(conn.client_address, msg.auth_user, conn.daemon_name, msg.sender,
                               tuple(msg.recipients))
         key = msg.fingerprint.digest() if msg.fingerprint else None
-        inspection = self.rt.pipeline.inspect(msg.spool, envelope, msg.policy, key)
+        origin = dataclasses.replace(msg.origin, queue_id=qid)
+        inspection = self.rt.pipeline.inspect(Submission(msg.spool, origin), envelope, msg.policy, key)
         outcome, verdict = inspection.outcome, inspection.verdict
         action, reply = outcome.action, outcome.reply
         held = ""
@@ -222,16 +242,43 @@ class Handler(Milter.Base):
                 "client_name": self.conn.client_name, "auth_user": msg.auth_user, "direction": outcome.direction,
                 "reason": lead.reason, "viruses": list(verdict.viruses), "score": verdict.score,
                 "rules": list(verdict.rules), "rule": lead.rule}
+        index_errors: list[Exception] = []
         try:
             with msg.spool.reader() as reader:
-                entry = store.put(reader, meta)
+                entry = store.put(reader, meta, index_failed=index_errors.append)
         except Exception as e:     # StoreError, or anything else: never answer before the copy is safe
             log.error("%s: quarantine store failed: %s: tempfail", qid, escape(str(e)))
             self.rt.metrics.quarantine_failures.inc()
             return ""
         self.rt.metrics.quarantine_stored.labels(lead.reason).inc()
         log.info("%s: quarantined as %s for %s", qid, entry, ", ".join(f"<{escape(r)}>" for r in outcome.quarantine))
+        if index_errors:       # held safely, but not listed until the index is rebuilt
+            self.rt.metrics.quarantine_index_failures.inc()
+            log.warning("%s: quarantine index not updated for %s: %s; it is rebuilt at the next check", qid, entry,
+                        escape(str(index_errors[0])))
         return entry
+
+    def _refuse_over_header_limit(self, msg: Message) -> int:
+        """Refuse a message past header_count_limit or verdict_header_limit, unscanned and with no
+        header edit: every edit makes Postfix's cleanup go through all the header fields again."""
+        msg.queue_id = qid = self.getsymval("i") or ""
+        cfg, conn = self.rt.cfg, self.conn
+        action = P.REJECT if cfg.header_limit_action == "reject" else P.TEMPFAIL
+        reply = HEADER_LIMIT_REPLIES[action]
+        self.setreply(*reply)
+        envelope = P.Envelope(conn.client_address, msg.auth_user, conn.daemon_name, msg.sender,
+                              tuple(msg.recipients))
+        direction, _ = P.direction_of(envelope, msg.policy)
+        decisions = tuple(P.RecipientDecision(r, action, "headers", msg.over_limit, msg.policy.scope(direction, r),
+                                              reply) for r in msg.recipients)
+        outcome, verdict = P.Outcome(action, "headers", direction, reply, decisions), Verdict()
+        log.warning("%s: %d header fields, over %s (%d): %s, unscanned", qid or "NOQUEUE", msg.header_count,
+                    msg.over_limit, getattr(cfg, msg.over_limit), action)
+        self._count(msg, outcome, verdict, action, "", 0.0)
+        log.info("%s", summary(qid, action, outcome, verdict, msg.sender, len(msg.recipients), msg.size,
+                               (time.monotonic() - msg.started) * 1000, conn.client_address))
+        self._end_message()
+        return _MILTER_ACTION[action]
 
     def _apply(self, edits: list[H.Edit]) -> None:
         # With header_leading_space negotiated, values we send carry their own leading space.

@@ -54,17 +54,97 @@ def safe_value(name: str, value: str) -> str:
     return encoded.replace("\n ", "\n\t")
 
 
-def tag_subject(subject: str | None, tag: str) -> str | None:
-    """The new Subject, or None when it already carries the tag (never `[SPAM] [SPAM]`).
-    Encoded words stay intact: the tag goes in front, separated by a space."""
+def tag_subject(raw: bytes | None, tag: str) -> str | None:
+    """The new Subject for the raw value as received, or None when it already carries the tag
+    (never `[SPAM] [SPAM]`): the tag, a space, then the original value, which decodes to the
+    same bytes as before. ASCII words (encoded words among them) stay as they are; runs of
+    non-ASCII words become encoded words; control characters become spaces; the result is
+    folded at its own white space, so unfolding gives back the words and the spaces between them."""
+    tag = tag.strip(" ")
     if not tag:
         return None
-    if subject is None:
-        return tag
-    stripped = subject.lstrip(" \t\r\n")
-    if stripped.startswith(tag):
+    value = _CONTROL_BYTES.sub(b" ", _FOLD.sub(b"", raw or b"")).strip(b" \t")
+    if value.startswith(tag.encode("ascii")):
         return None
-    return f"{tag} {stripped}" if stripped else tag
+    pieces = re.findall(r"[ \t]+|[^ \t]+", tag)
+    if value:
+        pieces += [" "] + _encode_words(re.findall(rb"[ \t]+|[^ \t]+", value))
+    return _fold_pieces("Subject", pieces)
+
+
+_FOLD = re.compile(rb"(?:\r\n|\r|\n)(?=[ \t])")            # a line break that folds: unfolding removes it
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_ENCODED_WORD = re.compile(rb"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+_Q_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+/-")
+
+
+def _encode_words(tokens: list[bytes]) -> list[str]:
+    """Words and white-space runs (alternating, a word first and last) -> the same as text,
+    each run of non-ASCII words with the white space inside it as encoded words."""
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        if tokens[i].isascii():
+            out.append(tokens[i].decode("ascii"))
+            i += 1
+            continue
+        j = i + 1                       # tokens[i:j]: words with non-ASCII bytes and the space between
+        while j + 1 < len(tokens) and not tokens[j + 1].isascii():
+            j += 2
+        run = b"".join(tokens[i:j])
+        # Decoders drop the white space between two encoded words: next to an encoded word of
+        # the sender's, the space goes inside ours and a plain separator stands between them.
+        if i >= 2 and _ENCODED_WORD.search(tokens[i - 2]):
+            out[-1] = " "
+            run = tokens[i - 1] + run
+        after = j + 1 < len(tokens) and _ENCODED_WORD.search(tokens[j + 1])
+        if after:
+            run += tokens[j]
+            j += 1
+        for n, word in enumerate(_q_words(run)):
+            out += [" ", word] if n else [word]
+        if after:
+            out.append(" ")
+        i = j
+    return out
+
+
+def _q_words(run: bytes) -> list[str]:
+    """RFC 2047 "Q" encoded words of at most 75 characters, never splitting a character."""
+    try:
+        text, charset = run.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        # Not UTF-8: bytes of an unknown 8-bit charset. ISO-8859-1 gives every byte value a
+        # character, so no byte is lost (decoders get the same bytes back); it is also what
+        # such Subjects most often are (Latin-1/Windows-1252 clients), so readers show them
+        # right in the common case. "unknown-8bit" would keep the bytes as well, but readers
+        # need not know it, and Python's own make_header() turns its bytes into U+FFFD.
+        text, charset = run.decode("latin-1"), "iso-8859-1"
+    room = 75 - len(f"=?{charset}?q??=")
+    words, word = [], ""
+    for ch in text:
+        q = "".join(chr(b) if b in _Q_PLAIN else "_" if b == 32 else f"={b:02X}"
+                    for b in ch.encode(charset))
+        if word and len(word) + len(q) > room:
+            words.append(word)
+            word = ""
+        word += q
+    words.append(word)
+    return [f"=?{charset}?q?{w}?=" for w in words]
+
+
+def _fold_pieces(name: str, pieces: list[str], width: int = FOLD_WIDTH) -> str:
+    """Words and white-space runs (alternating, a word first) as folded lines: a line break
+    goes only before a white-space run, which then starts the continuation line."""
+    lines, line, room = [], pieces[0], width - len(name) - 2
+    for space, word in zip(pieces[1::2], pieces[2::2]):
+        if len(line) + len(space) + len(word) > room:
+            lines.append(line)
+            line, room = space + word, width
+        else:
+            line += space + word
+    lines.append(line)
+    return "\n".join(lines)
 
 
 def scan_headers(verdict: Verdict, outcome: Outcome) -> list[tuple[str, str]]:
@@ -133,8 +213,7 @@ def edits(verdict: Verdict, outcome: Outcome, seen: list[Seen], policy: Policy) 
         additions += [Edit("add", name, value=fold(name, value)) for name, value in scan_headers(verdict, outcome)]
     if lead.subject_tag:
         subject = next((h for h in seen if h.name.lower() == "subject"), None)
-        old = subject.value.decode("utf-8", "replace").replace("\r\n", "\n") if subject else None
-        new = tag_subject(old, lead.subject_tag)
+        new = tag_subject(subject.value if subject else None, lead.subject_tag)
         if new is not None and subject is None:
             additions.append(Edit("add", "Subject", value=new))
         elif new is not None and ("subject", subject.index) not in removed:

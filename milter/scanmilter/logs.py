@@ -10,17 +10,24 @@ import sys
 
 log = logging.getLogger("scanmilter")
 
-# Control characters, the backslash, and undecodable bytes (surrogate-escaped by pymilter)
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\\\\\udc80-\udcff]")
+# Control characters, the backslash, undecodable bytes (surrogate-escaped by pymilter; any lone
+# surrogate), and what makes a terminal show text other than it is: bidirectional marks, embeddings,
+# overrides and isolates (U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069), line and
+# paragraph separators (U+2028, U+2029)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\\\\\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                          "\ud800-\udfff]")
 
 
 def _hex(match: re.Match) -> str:
     code = ord(match.group())
-    return f"\\x{code - 0xdc00 if code >= 0xdc80 else code:02x}"
+    if 0xdc80 <= code <= 0xdcff:
+        return f"\\x{code - 0xdc00:02x}"         # the raw byte pymilter could not decode
+    return f"\\x{code:02x}" if code <= 0xff else f"\\u{code:04x}"
 
 
 def escape(text: str, limit: int = 256) -> str:
-    """Printable form of untrusted text: control characters, backslashes and raw bytes as \\xNN."""
+    """Printable form of untrusted text: control characters, backslashes and raw bytes as \\xNN,
+    bidirectional controls and line separators as \\uNNNN."""
     return _UNPRINTABLE.sub(_hex, text[:limit])
 
 

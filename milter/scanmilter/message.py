@@ -12,7 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .policy import VERDICT_HEADER_PREFIXES
 from .scancache import Fingerprint
+from .scanners import Origin
 
 
 class Spool:
@@ -126,6 +128,8 @@ class Connection:
     client_address: str = ""
     client_name: str = ""
     daemon_name: str = ""
+    hostname: str = ""          # our own name, Postfix's macro j
+    helo: str = ""              # as the client gave it, or "" before HELO/EHLO
     messages: int = 0
 
 
@@ -144,6 +148,13 @@ class Message:
     header_count: int = 0
     started: float = field(default_factory=time.monotonic)
     fingerprint: Fingerprint | None = None   # for the scan cache, when it is on
+    origin: Origin = field(default_factory=Origin)   # where it came from, for the engines
+    # Header caps (header_count_limit, verdict_header_limit; None: none, for `explain`). Past one,
+    # nothing more is kept and `over_limit` names the setting: the message is refused unscanned.
+    header_limit: int | None = None
+    verdict_limit: int | None = None
+    verdict_count: int = 0
+    over_limit: str = ""
     _counts: dict[str, int] = field(default_factory=dict)
 
     def add_recipient(self, raw: str) -> None:
@@ -154,13 +165,24 @@ class Message:
     def add_header(self, name: str, value: bytes, keep: Callable[[str], bool]) -> None:
         """Record one header exactly as Postfix passed it (value with its leading space)."""
         self.header_count += 1
+        self.spool.write(name.encode("ascii", "replace") + b":" + value + b"\r\n")
         key = name.lower()
+        if not self.over_limit:
+            self.verdict_count += key.startswith(VERDICT_HEADER_PREFIXES)
+            if self.header_limit is not None and self.header_count > self.header_limit:
+                self.over_limit = "header_count_limit"
+            elif self.verdict_limit is not None and self.verdict_count > self.verdict_limit:
+                self.over_limit = "verdict_header_limit"
+            if self.over_limit:             # memory stays bounded however many more arrive
+                self.seen.clear()
+                self._counts.clear()
+        if self.over_limit:                 # the spool goes on, within its own size limit
+            return
         index = self._counts[key] = self._counts.get(key, 0) + 1
         if keep(key):
             self.seen.append(Seen(name, index, value))
         if self.fingerprint is not None:
             self.fingerprint.header(key, value)
-        self.spool.write(name.encode("ascii", "replace") + b":" + value + b"\r\n")
 
     def end_headers(self) -> None:
         self.spool.write(b"\r\n")

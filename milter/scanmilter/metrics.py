@@ -85,6 +85,9 @@ class Metrics:
         self.quarantine_failures = Counter("scanmilter_quarantine_store_failures_total",
                                            "Writes to the quarantine that failed (the message was tempfailed)",
                                            registry=r)
+        self.quarantine_index_failures = Counter("scanmilter_quarantine_index_failures_total",
+                                                 "Held entries the quarantine index missed (safe on disk; "
+                                                 "the index is rebuilt at the next check)", registry=r)
         self.clamav_db_version = Gauge("scanmilter_clamav_database_version",
                                        "ClamAV signature database version (clamd VERSION)", registry=r)
         self.clamav_db_time = Gauge("scanmilter_clamav_database_timestamp_seconds",

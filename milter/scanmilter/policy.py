@@ -8,7 +8,8 @@ For each recipient (first match wins; the README in policies/ has a worked examp
      score >= reject_level                            -> reject, spam_reply
      score >= quarantine_level                        -> quarantine
   4. a scanner that mattered failed                   -> scan_failure_action (tempfail 451 4.7.1)
-  5. the message is oversize                          -> oversize_action
+  5. the message is oversize (over message_size_limit, or not scanned whole by an engine for
+     its size or its limits)                          -> oversize_action
   6. otherwise accept; subject_tag_level and tag_level decide the Subject tag and X-Spam-Flag.
 Settings come from the most specific place: [DIR.recipients."a@b"], then [DIR.domains."b"], then [DIR].
 Then the recipients' decisions become one outcome for the message (see `combine`).
@@ -71,6 +72,7 @@ class Policy:
     authenticated_is_outbound: bool = True
     outbound_services: frozenset = frozenset()
     allow_senders: frozenset = frozenset()
+    allow_senders_clients: tuple = ()      # when set, allow_senders needs one of these clients or SASL
     allow_clients: tuple = ()
     allow_recipients: frozenset = frozenset()
     block_senders: frozenset = frozenset()
@@ -176,7 +178,14 @@ def _list_match(env: Envelope, recipient: str, policy: Policy, kind: str) -> str
     if in_networks(env.client_address, getattr(policy, f"{kind}_clients")):
         return f"client {env.client_address} is in {kind}_clients"
     if listed(env.sender, getattr(policy, f"{kind}_senders")):
-        return f"sender <{env.sender}> is in {kind}_senders"
+        # a forged envelope sender must not buy an exemption: when allow_senders_clients is set,
+        # the sender counts only from those clients or after SASL authentication
+        if kind == "block" or not policy.allow_senders_clients or env.auth_user:
+            return f"sender <{env.sender}> is in {kind}_senders" + (f" (authenticated as {env.auth_user})"
+                                                                   if kind == "allow" and policy.allow_senders_clients
+                                                                   else "")
+        if in_networks(env.client_address, policy.allow_senders_clients):
+            return f"sender <{env.sender}> is in allow_senders, client {env.client_address} in allow_senders_clients"
     if listed(recipient, getattr(policy, f"{kind}_recipients")):
         return f"recipient <{recipient}> is in {kind}_recipients"
     return ""

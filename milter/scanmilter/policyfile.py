@@ -89,6 +89,7 @@ def check(path: str, quarantine_available: bool = False) -> tuple[Policy, list[s
         authenticated_is_outbound=dirs["authenticated_is_outbound"],
         outbound_services=frozenset(dirs["outbound_services"]),
         allow_senders=_addresses(lists["allow_senders"]), allow_clients=_networks(lists["allow_clients"]),
+        allow_senders_clients=_networks(lists["allow_senders_clients"]),
         allow_recipients=_addresses(lists["allow_recipients"]),
         block_senders=_addresses(lists["block_senders"]), block_clients=_networks(lists["block_clients"]),
         block_recipients=_addresses(lists["block_recipients"]),

@@ -156,10 +156,19 @@ def check(params: dict[str, str], cfg, policy, clamd: dict[str, str], services: 
               f"({deadline:.0f}s): Postfix gives up before the answer",
               f"postconf -e 'milter_content_timeout = {int(deadline + 60)}s' or lower clamd_timeout/spamd_timeout")
     mail_macros = _macros(params.get("milter_mail_macros", ""))
+    mail_fix = ("postconf -e 'milter_mail_macros = i {auth_type} {auth_authen} {auth_author} {mail_addr} "
+                "{mail_host} {mail_mailer}'")
     if policy.authenticated_is_outbound and "auth_authen" not in mail_macros:
-        error("milter_mail_macros lacks {auth_authen}: authenticated senders would count as inbound",
-              "postconf -e 'milter_mail_macros = i {auth_type} {auth_authen} {auth_author} {mail_addr} "
-              "{mail_host} {mail_mailer}'")
+        error("milter_mail_macros lacks {auth_authen}: authenticated senders would count as inbound", mail_fix)
+    elif cfg.spamd_enabled and "auth_authen" not in mail_macros:
+        warning("milter_mail_macros lacks {auth_authen}: spamd cannot see that a sender authenticated", mail_fix)
+    if cfg.spamd_enabled and "j" not in _macros(params.get("milter_connect_macros", "")):
+        warning("milter_connect_macros lacks j: the Received line spamd sees names this host 'localhost'",
+                "postconf -e 'milter_connect_macros = j {daemon_name} {daemon_addr} v _'")
+    if cfg.spamd_enabled and "tls_version" not in _macros(params.get("milter_helo_macros", "")):
+        warning("milter_helo_macros lacks {tls_version}: spamd cannot see that a client used TLS",
+                "postconf -e 'milter_helo_macros = {tls_version} {cipher} {cipher_bits} {cert_subject} "
+                "{cert_issuer}'")
     if policy.outbound_services and "daemon_name" not in _macros(params.get("milter_connect_macros", "")):
         error("milter_connect_macros lacks {daemon_name}, but the policy uses outbound_services",
               "add {daemon_name} to milter_connect_macros")
@@ -172,6 +181,14 @@ def check(params: dict[str, str], cfg, policy, clamd: dict[str, str], services: 
                 f"{cfg.message_size_limit}: larger ones get oversize_action "
                 f"({policy.directions['inbound']['oversize_action']}), unscanned",
                 f"message_size_limit = {postfix_limit} in scanmilter, or lower Postfix's message_size_limit")
+    for gap in config.size_gaps(cfg):
+        warning(f"{gap} (accepted marked unscanned with oversize_action = \"tag\")",
+                "raise clamd_size_limit (and clamd's StreamMaxLength) to message_size_limit, use "
+                "spamd_oversize_action = \"truncate\", or lower message_size_limit")
+    if cfg.clamd_enabled and clamd and clamd.get("AlertExceedsMax", "no").lower() not in ("yes", "true", "on", "1"):
+        error("clamd.conf lacks AlertExceedsMax yes: clamd answers OK for content over its MaxFileSize, "
+              "MaxScanSize, MaxRecursion or MaxFiles, so an attachment past those limits passes unscanned",
+              "AlertExceedsMax yes in clamd.conf (scanmilter then gives such mail oversize_action)")
     if cfg.clamd_enabled and "StreamMaxLength" in clamd:
         stream_max = size(clamd["StreamMaxLength"])
         if cfg.clamd_size_limit > stream_max:

@@ -1,6 +1,7 @@
 """`scanmilter quarantine ...`: review held mail the way `mailq`, `postqueue` and `postsuper` review
 the Postfix queue. Exit codes: 0 done, 1 not found, 2 usage, 3 release failed, 4 spamd did not
-learn (release --learn-ham, confirm)."""
+learn (release --learn-ham, confirm), 5 some entries could not be handled (delete, purge, reindex
+go on past them and name them)."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ import time
 from . import config, quarantine
 from .logs import escape
 
-EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_RELEASE_FAILED, EXIT_LEARN_FAILED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_RELEASE_FAILED, EXIT_LEARN_FAILED, EXIT_INCOMPLETE = 0, 1, 2, 3, 4, 5
 DEFAULT_CONFIG = "/etc/scanmilter/scanmilter.toml"
 PREVIEW_LINES = 20          # lines of body text `show` prints
 SHOWN_HEADERS = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To")
@@ -107,11 +108,17 @@ def _decoded(value: str) -> str:
         return value
 
 
+# what a terminal must not get from a sender: control characters (escape sequences), bidirectional
+# marks, embeddings, overrides and isolates (they reorder what is shown), line and paragraph separators
+_TERMINAL_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                              "\u2066-\u2069\ud800-\udfff]")
+
+
 def _safe_lines(text: str, limit: int) -> list[str]:
-    """Lines safe for a terminal: no escape sequences or other control characters."""
+    """Lines safe for a terminal: no escape sequences, control or reordering characters."""
     out = []
     for line in text.splitlines()[:limit]:
-        out.append(re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", "?", line.expandtabs(4))[:200])
+        out.append(_TERMINAL_UNSAFE.sub("?", line.expandtabs(4))[:200])
     return out
 
 
@@ -141,8 +148,10 @@ def cmd_show(store, cfg, args) -> int:
             ("rules hit", ", ".join(m.get("rules", [])) or "-"), ("viruses", ", ".join(m.get("viruses", [])) or "-"),
             ("size", f"{m.get('size', 0)} bytes")]
     for rel in m.get("released", []):
+        stripped = rel.get("stripped")
         rows.append(("released", f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rel['at']))} by "
-                                 f"{rel.get('by')} to {', '.join(rel.get('to', []))}"))
+                                 f"{rel.get('by')} to {', '.join(rel.get('to', []))}"
+                                 + (f" (removed forged {', '.join(stripped)})" if stripped else "")))
     for key, value in rows:
         print(f"{key + ':':<12} {escape(str(value), 1000)}")
     print("--- headers")
@@ -173,10 +182,12 @@ def cmd_release(store, cfg, args) -> int:
     try:
         sent = quarantine.release(store, args.id, address, args.by, args.to or None, args.force,
                                   cfg.quarantine_release_timeout)
-    except quarantine.ReleaseError as e:
-        print(f"scanmilter: release {args.id}: {e}", file=sys.stderr)
+    except (quarantine.ReleaseError, quarantine.StoreError) as e:
+        if isinstance(e, quarantine.NotFound):
+            raise
+        print(f"scanmilter: release {escape(args.id, 64)}: {escape(str(e), 2000)}", file=sys.stderr)
         return EXIT_RELEASE_FAILED
-    print(f"{args.id}: released to {', '.join(sent)}")
+    print(f"{args.id}: released to {escape(', '.join(sent), 2000)}")
     if args.learn_ham:
         return _learn(store, cfg, [args.id], "ham", args.by)
     return EXIT_OK
@@ -190,10 +201,11 @@ def _learn(store, cfg, ids, message_class: str, by: str) -> int:
         try:
             fresh = quarantine.learn(store, entry_id, spamd, message_class, by)
         except quarantine.NotFound as e:
-            print(f"scanmilter: {e}", file=sys.stderr)
+            print(f"scanmilter: {escape(str(e))}", file=sys.stderr)
             missing += 1
-        except (EngineError, OSError) as e:
-            print(f"scanmilter: {entry_id}: spamd did not learn it as {message_class}: {e}", file=sys.stderr)
+        except (EngineError, OSError, quarantine.StoreError) as e:
+            print(f"scanmilter: {escape(entry_id, 64)}: spamd did not learn it as {message_class}: {escape(str(e))}",
+                  file=sys.stderr)
             failed += 1
         else:
             print(f"{entry_id}: learned as {message_class}" + ("" if fresh else " (spamd knew it already)"))
@@ -208,32 +220,45 @@ def cmd_delete(store, cfg, args) -> int:
     if args.all == bool(args.ids):
         raise UsageError("give entry ids, or --all with optional filters")
     ids = [e.id for e in store.select(**_filters(args))] if args.all else args.ids
-    missing = 0
+    missing = failed = 0
     for n, entry_id in enumerate(ids, 1):
         try:
             store.delete(entry_id)
         except quarantine.NotFound as e:
-            print(f"scanmilter: {e}", file=sys.stderr)
+            print(f"scanmilter: {escape(str(e))}", file=sys.stderr)
             missing += 1
+        except quarantine.StoreError as e:      # one entry we cannot delete does not stop the rest
+            print(f"scanmilter: delete {escape(entry_id, 64)}: {escape(str(e))}", file=sys.stderr)
+            failed += 1
         if len(ids) >= 100 and n % 100 == 0:
             print(f"... {n} of {len(ids)}", file=sys.stderr)
-    print(f"deleted {len(ids) - missing} {'entry' if len(ids) - missing == 1 else 'entries'}")
-    return EXIT_NOT_FOUND if missing else EXIT_OK
+    done = len(ids) - missing - failed
+    print(f"deleted {done} {'entry' if done == 1 else 'entries'}")
+    return EXIT_INCOMPLETE if failed else EXIT_NOT_FOUND if missing else EXIT_OK
 
 
 def cmd_purge(store, cfg, args) -> int:
     age = duration(args.older_than) if args.older_than else cfg.quarantine_max_age
-    old = quarantine.purge(store, age, args.dry_run)
+    failed: list[tuple[str, str]] = []
+    old = quarantine.purge(store, age, args.dry_run, failed)
+    for entry_id, reason in failed:
+        print(f"scanmilter: purge {entry_id}: {escape(reason)}", file=sys.stderr)
     size = sum(e.meta.get("size", 0) for e in old)
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"{verb} {len(old)} {'entry' if len(old) == 1 else 'entries'} ({size} bytes) older than {age:.0f}s")
-    return EXIT_OK
+    print(f"{verb} {len(old)} {'entry' if len(old) == 1 else 'entries'} ({size} bytes) older than {age:.0f}s"
+          + (f"; {len(failed)} could not be deleted" if failed else ""))
+    return EXIT_INCOMPLETE if failed else EXIT_OK
 
 
 def cmd_reindex(store, cfg, args) -> int:
     removed = store.recover()
-    print(f"indexed {store.reindex()} entries" + (f"; removed {removed} left-over file(s)" if removed else ""))
-    return EXIT_OK
+    skipped: list[tuple[str, str]] = []
+    count = store.reindex(skipped)
+    for entry_id, reason in skipped:
+        print(f"scanmilter: reindex: skipped {entry_id}: {escape(reason)}", file=sys.stderr)
+    print(f"indexed {count} entries" + (f"; removed {removed} left-over file(s)" if removed else "")
+          + (f"; skipped {len(skipped)} unreadable (delete them, or repair their .json)" if skipped else ""))
+    return EXIT_INCOMPLETE if skipped else EXIT_OK
 
 
 def cmd_stats(store, cfg, args) -> int:
@@ -304,8 +329,8 @@ def run(args) -> int:
         store, cfg = _open(args)
         return args.run(store, cfg, args)
     except quarantine.NotFound as e:
-        print(f"scanmilter: {e}", file=sys.stderr)
+        print(f"scanmilter: {escape(str(e))}", file=sys.stderr)
         return EXIT_NOT_FOUND
     except (UsageError, config.ConfigError, quarantine.StoreError) as e:
-        print(f"scanmilter: {e}", file=sys.stderr)
+        print(f"scanmilter: {escape(str(e), 2000)}", file=sys.stderr)
         return EXIT_USAGE

@@ -20,34 +20,53 @@ from .scanners import CLEAN, FOUND, ScanResult
 CACHED = "cached"    # detail of a result that came from the cache
 
 
+# Headers whose values differ between the copies of one mailing and by which neither engine
+# decodes content: clamd's MIME parser reads Content-Type, Content-Transfer-Encoding and
+# Content-Disposition (and tells mail from other files by the first header's name),
+# SpamAssassin's parser the same Content-* fields. SpamAssassin's rules do read these values,
+# but on a message coming straight from the client they can only add to a score, never lower it
+# (the relay it judges is the client, from the origin, which is part of the key). Their names
+# and order still count.
+CACHE_IGNORED_HEADERS = ("Received", "Date", "Message-ID", "To", "Cc", "Delivered-To", "X-Original-To",
+                         "DKIM-Signature")
+
+
 class Fingerprint:
-    """What makes two messages the same for the engines: the connecting client's address (DNS
-    block lists judge it), the From and Subject headers, and the body. Received, To, Date and
-    Message-ID differ between the copies of one bulk mailing and are left out."""
+    """What makes two messages the same for the engines: where the message came from (the
+    client as the engines see it), every header in order with its exact value, and the body.
+    Only the values of `ignored` headers (CACHE_IGNORED_HEADERS) are left out."""
 
-    HEADERS = ("from", "subject")
-
-    def __init__(self, client_address: str):
+    def __init__(self, origin: bytes, ignored=CACHE_IGNORED_HEADERS):
+        self._ignored = frozenset(n.lower() for n in ignored)
+        self._head = hashlib.sha256()
+        self._field(origin)
         self._body = hashlib.sha256()
-        self._head = [client_address.encode("ascii", "replace")]
+
+    def _field(self, data: bytes) -> None:
+        # length-prefixed, so that no two different header sections hash alike
+        self._head.update(len(data).to_bytes(8, "big") + data)
 
     def header(self, name: str, value: bytes) -> None:
-        if name.lower() in self.HEADERS:
-            self._head.append(name.lower().encode("ascii", "replace") + b":" + value.strip())
+        self._field(name.encode("utf-8", "surrogateescape"))
+        self._field(b"" if name.lower() in self._ignored else b"=" + value)
 
     def body(self, chunk: bytes) -> None:
         self._body.update(chunk)
 
     def digest(self) -> bytes:
-        head = hashlib.sha256(b"\0".join(self._head)).digest()
-        return hashlib.sha256(head + self._body.digest()).digest()
+        return hashlib.sha256(self._head.digest() + self._body.digest()).digest()
 
 
 class ScanCache:
-    def __init__(self, seconds: float, entries: int, clock=time.monotonic):
+    def __init__(self, seconds: float, entries: int, ignored_headers=CACHE_IGNORED_HEADERS, clock=time.monotonic):
         self.seconds, self.entries, self.clock = seconds, entries, clock
+        self.ignored_headers = tuple(ignored_headers)
         self._items: OrderedDict[tuple[str, bytes], tuple[float, ScanResult]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def fingerprint(self, origin: bytes) -> Fingerprint:
+        """A new fingerprint for one message, keyed as this cache is configured."""
+        return Fingerprint(origin, self.ignored_headers)
 
     @property
     def enabled(self) -> bool:

@@ -12,6 +12,11 @@ from .scanners import CLEAN, ERROR, FOUND, SKIPPED, ScanResult
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:/+-]")
 
 
+# Skip reasons that mean "too big for this engine": its own size limit, or clamd's limits on
+# what it unpacks (AlertExceedsMax). Such a message was not scanned whole, so it is oversize.
+SIZE_SKIPS = ("size", "limits")
+
+
 def safe_name(text: str, limit: int = 100) -> str:
     return _UNSAFE.sub("_", text)[:limit] or "_"
 
@@ -25,7 +30,7 @@ class Verdict:
     failed: tuple[tuple[str, str], ...] = ()     # (engine, detail)
     skipped: tuple[tuple[str, str], ...] = ()    # (engine, reason)
     engines: tuple[str, ...] = ()                # engines asked, in order
-    oversize: bool = False
+    oversize: bool = False          # over message_size_limit, or too big for an engine that was asked
     cached: tuple[str, ...] = ()                 # engines whose result came from the scan cache
 
     def status_of(self, engine: str) -> str:
@@ -49,6 +54,7 @@ def combine(results: list[ScanResult], oversize: bool = False) -> Verdict:
             failed.append((r.engine, r.detail))
         elif r.outcome == SKIPPED:
             skipped.append((r.engine, r.detail))
+            oversize = oversize or r.detail in SIZE_SKIPS
         if r.outcome == FOUND and r.viruses:
             viruses += [safe_name(v) for v in r.viruses]
         if r.score is not None:

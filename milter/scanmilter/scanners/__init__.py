@@ -2,7 +2,9 @@
 
 An engine has a `name` and `scan(spool) -> ScanResult`. It never raises and never
 decides anything: every failure is an `error` result with its kind, so a dead or slow
-engine can never look like a clean message.
+engine can never look like a clean message. The spool an engine gets may be a `Submission`:
+the message together with its `Origin` (where it came from), for engines that judge the
+client as well as the content.
 """
 from __future__ import annotations
 
@@ -15,6 +17,36 @@ CLEAN, FOUND, ERROR, SKIPPED = "clean", "found", "error", "skipped"
 # Error kinds: a small closed set, so they can label metrics and log lines.
 TIMEOUT, REFUSED, PROTOCOL = "timeout", "refused", "protocol"
 CIRCUIT = "circuit"      # not tried: the engine's circuit breaker is open
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a message came from, as Postfix told the milter. Postfix never shows a milter its
+    own Received header, so an engine that judges the client (spamd's network and HELO rules)
+    learns it from here."""
+    client_address: str = ""
+    client_name: str = ""          # Postfix's verified name, or "unknown"
+    helo: str = ""
+    auth_user: str = ""            # SASL login, "" when not authenticated
+    tls: bool = False
+    hostname: str = ""             # our own host name (Postfix's macro j)
+    queue_id: str = ""
+
+    def key(self) -> bytes:
+        """What of the origin can change an engine's verdict (the queue id cannot): part of the
+        scan cache's key."""
+        return "\0".join((self.client_address, self.client_name, self.helo, self.auth_user,
+                           str(self.tls), self.hostname)).encode("utf-8", "backslashreplace")
+
+
+class Submission:
+    """A spool handed to the engines with its origin: reads like the spool itself."""
+
+    def __init__(self, spool, origin: Origin):
+        self.spool, self.origin = spool, origin
+
+    def __getattr__(self, name):
+        return getattr(self.spool, name)
 
 
 @dataclass(frozen=True)

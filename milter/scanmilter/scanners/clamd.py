@@ -2,10 +2,12 @@
 
 The package's own instream() writes with send() (a partial write would corrupt the stream),
 connects without a timeout and passes unexpected replies through; this client keeps the
-package's connection classes and reply grammar and tightens those three points.
+package's connection classes and tightens those points: every send and every receive is
+bounded by one deadline, and only a complete, NUL-terminated answer about the stream counts.
 """
 from __future__ import annotations
 
+import re
 import struct
 import time
 
@@ -16,6 +18,12 @@ from . import (CLEAN, FOUND, PROTOCOL, SKIPPED, Deadline, EngineError, ScanResul
 
 CHUNK = 64 * 1024   # INSTREAM chunk; clamd accepts chunks up to its StreamMaxLength
 CHECK_TIMEOUT = 5.0  # seconds for PING and VERSION
+REPLY_LIMIT = 4096   # bytes; clamd answers with one short line, anything longer is not clamd
+
+_FOUND = re.compile(r"stream: (\S[^\0\r\n]*) FOUND")
+# With AlertExceedsMax, clamd names the limit it stopped at (MaxFileSize, MaxScanSize, MaxRecursion,
+# MaxFiles, MaxScanTime...): the content went unscanned past it, no virus was found
+_LIMITS = re.compile(r"Heuristics\.Limits\.Exceeded(?:\.[A-Za-z]+)?")
 
 
 class _Client(clamd_client.ClamdNetworkSocket):
@@ -32,13 +40,30 @@ class _Client(clamd_client.ClamdNetworkSocket):
         self.clamd_socket.settimeout(self.deadline.left())
         self.clamd_socket.sendall(data)
 
+    def _reply(self) -> str:
+        """clamd's answer up to its NUL terminator. The deadline is checked before every receive:
+        a server that sends its answer a byte at a time cannot stretch the timeout."""
+        reply = b""
+        while not reply.endswith(b"\0"):
+            self.clamd_socket.settimeout(self.deadline.left())
+            data = self.clamd_socket.recv(REPLY_LIMIT)
+            if not data:
+                if reply:
+                    raise EngineError(PROTOCOL, f"clamd reply cut short: {reply[:200]!r}")
+                raise EngineError(PROTOCOL, "clamd closed the connection without a reply")
+            reply += data
+            if len(reply) > REPLY_LIMIT:
+                raise EngineError(PROTOCOL, f"clamd reply over {REPLY_LIMIT} bytes: {reply[:100]!r}")
+        if b"\0" in reply[:-1]:
+            raise EngineError(PROTOCOL, f"more than one clamd reply: {reply[:200]!r}")
+        return reply[:-1].decode("utf-8", "replace").strip()
+
     def command(self, name: str) -> str:
         """A one-line command (PING, VERSION) and its reply."""
         self._init_socket()
         try:
             self._send(f"z{name}\0".encode())
-            self.clamd_socket.settimeout(self.deadline.left())
-            return self.clamd_socket.recv(4096).rstrip(b"\0").decode("utf-8", "replace").strip()
+            return self._reply()
         finally:
             self._close_socket()
 
@@ -54,14 +79,7 @@ class _Client(clamd_client.ClamdNetworkSocket):
                 said = words_before_hangup(self.clamd_socket).rstrip(b"\0").decode("utf-8", "replace").strip()
                 raise EngineError(PROTOCOL, f"clamd hung up mid-stream: {said[:200]!r}" if said
                                   else "clamd hung up mid-stream") from None
-            self.clamd_socket.settimeout(self.deadline.left())
-            reply = b""
-            while not reply.endswith(b"\0") and len(reply) < 4096:
-                data = self.clamd_socket.recv(4096)
-                if not data:
-                    break
-                reply += data
-            return reply.rstrip(b"\0").decode("utf-8", "replace").strip()
+            return self._reply()
         finally:
             self._close_socket()
 
@@ -113,12 +131,15 @@ class ClamdScanner:
 
 
 def parse_reply(reply: str) -> ScanResult:
-    """Only an exact "stream: OK" is clean; "NAME FOUND" is a virus; anything else an error."""
+    """Only an exact "stream: OK" is clean; "stream: NAME FOUND" is a virus, unless NAME is one of
+    clamd's limit alerts (a skipped scan); anything else is an error."""
     if reply == "stream: OK":
         return ScanResult(ClamdScanner.name, CLEAN)
-    match = clamd_client.scan_response.match(reply)
-    if match and match.group("status") == "FOUND" and match.group("virus"):
-        return ScanResult(ClamdScanner.name, FOUND, viruses=(match.group("virus"),))
+    match = _FOUND.fullmatch(reply)
+    if match and _LIMITS.fullmatch(match.group(1)):
+        return ScanResult(ClamdScanner.name, SKIPPED, "limits")
+    if match:
+        return ScanResult(ClamdScanner.name, FOUND, viruses=(match.group(1),))
     if not reply:
         raise EngineError(PROTOCOL, "clamd closed the connection without a reply")
     raise EngineError(PROTOCOL, f"unexpected clamd reply {reply[:200]!r}")

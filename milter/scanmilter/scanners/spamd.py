@@ -6,20 +6,72 @@ first bytes are sent, by setting (spamc itself skips anything over 500 KB).
 """
 from __future__ import annotations
 
+import email.utils
 import io
+import ipaddress
 import re
 import socket
 
-from . import (CLEAN, FOUND, PROTOCOL, SKIPPED, Deadline, EngineError, ScanResult, connect, run,
+from . import (CLEAN, FOUND, PROTOCOL, SKIPPED, Deadline, EngineError, Origin, ScanResult, connect, run,
                words_before_hangup)
 
 CHUNK = 64 * 1024
 CHECK_TIMEOUT = 5.0          # seconds for PING
-REPLY_LIMIT = 256 * 1024     # a SYMBOLS reply is a line of rule names; more than this is garbage
+REPLY_LIMIT = 256 * 1024     # bytes; a SYMBOLS reply is a line of rule names, a longer one is garbage
 
 _STATUS = re.compile(rb"SPAMD/\d+\.\d+ +(\d+) +([^\r\n]*)")
-_SPAM = re.compile(rb"(?im)^Spam: *(True|False|Yes|No) *; *(-?\d+(?:\.\d+)?) */ *(-?\d+(?:\.\d+)?)\s*$")
-_RULE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+_HEADER = re.compile(rb"([A-Za-z][A-Za-z0-9-]*): *([^\r\n]*?) *")
+_SPAM = re.compile(rb"(True|False) *; *(-?\d+(?:\.\d+)?) */ *(-?\d+(?:\.\d+)?)")
+_LENGTH = re.compile(rb"\d{1,9}")
+# SpamAssassin refuses any other rule name (RULENAME_RE in Mail::SpamAssassin::Constants)
+_RULE = re.compile(rb"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+_TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9._:@+=-]")
+
+
+def _token(text: str, fallback: str = "unknown") -> str:
+    """A client-supplied name (HELO, reverse name, login) reduced to one safe word, so that it
+    can neither break the Received line nor mislead SpamAssassin's parser of it."""
+    return _TOKEN_UNSAFE.sub("_", text)[:255] or fallback
+
+
+def received_line(origin: Origin) -> bytes:
+    """The Received header Postfix writes for this hop, which a milter never sees: put in front
+    of what spamd scans (as spamass-milter does), it lets SpamAssassin judge the client (its
+    relay, HELO, reverse name and authentication rules); the delivered message is unchanged.
+    Empty when the client's address is unknown."""
+    try:
+        ip = ipaddress.ip_address(origin.client_address.removeprefix("IPv6:"))
+    except ValueError:
+        return b""
+    address = f"IPv6:{ip.compressed}" if ip.version == 6 else str(ip)
+    name = _token(origin.client_name)
+    helo = _token(origin.helo, name)
+    protocol = "ESMTP" + ("S" if origin.tls else "") + ("A" if origin.auth_user else "")
+    auth = f"\r\n\t(Authenticated sender: {_token(origin.auth_user)})" if origin.auth_user else ""
+    queue_id = f" id {_token(origin.queue_id)}" if origin.queue_id else ""
+    return (f"Received: from {helo} ({name} [{address}]){auth}\r\n\tby {_token(origin.hostname, 'localhost')} "
+            f"(Postfix) with {protocol}{queue_id};\r\n\t{email.utils.formatdate(localtime=True)}\r\n").encode()
+
+
+class _Prefixed:
+    """The trace header, then the message: the body of a SPAMC request."""
+
+    def __init__(self, head: bytes, rest):
+        self.head, self.rest = head, rest
+
+    def read(self, size: int) -> bytes:
+        if self.head:
+            out, self.head = self.head[:size], self.head[size:]
+            return out
+        return self.rest.read(size)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.rest.close()
 
 
 class SpamdScanner:
@@ -39,7 +91,10 @@ class SpamdScanner:
             if self.oversize_action == "skip":
                 return ScanResult(self.name, SKIPPED, "size")
             size = self.size_limit
-        return parse_reply(self._exchange("SYMBOLS", {}, size, lambda: spool.reader(size)))
+        origin = getattr(spool, "origin", None)
+        trace = received_line(origin) if origin is not None else b""
+        return parse_reply(self._exchange("SYMBOLS", {}, len(trace) + size,
+                                          lambda: _Prefixed(trace, spool.reader(size))))
 
     def tell(self, data: bytes, message_class: str) -> bool:
         """Teach spamd's Bayes filter that `data` is "ham" or "spam" (SPAMC TELL; spamd needs
@@ -75,12 +130,14 @@ class SpamdScanner:
                 check_status(said)    # a well-formed spamd error explains the hang-up best
                 raise EngineError(PROTOCOL, f"spamd hung up mid-message: {said[:100]!r}") from None
             reply = b""
-            while len(reply) <= REPLY_LIMIT:
-                sock.settimeout(deadline.left())
+            while True:
+                sock.settimeout(deadline.left())     # every receive: a dribbling spamd cannot stretch it
                 data = sock.recv(CHUNK)
                 if not data:
                     break
                 reply += data
+                if len(reply) > REPLY_LIMIT:          # cut, it could pass for a shorter list of rules
+                    raise EngineError(PROTOCOL, f"spamd reply over {REPLY_LIMIT} bytes: {reply[:100]!r}")
         finally:
             sock.close()
         return reply
@@ -112,15 +169,35 @@ def check_status(reply: bytes) -> None:
 
 
 def parse_reply(reply: bytes) -> ScanResult:
-    """Read a SPAMD/1.x reply to SYMBOLS; anything malformed is a protocol error."""
+    r"""Read a reply to SYMBOLS as spamd writes it to a SPAMC/1.5 client:
+
+        SPAMD/1.1 0 EX_OK\r\nContent-length: 13\r\nSpam: False ; 1.2 / 5.0\r\n\r\nRULE_A,RULE_B
+
+    The body is exactly Content-length bytes of comma-separated rule names (none when no rule hit).
+    Anything else is a protocol error, never a clean message."""
     check_status(reply)
     head, sep, body = reply.partition(b"\r\n\r\n")
-    spam = _SPAM.search(head)
-    if not spam or not sep:
-        raise EngineError(PROTOCOL, f"spamd reply without a Spam header {reply[:100]!r}")
-    score, required = float(spam.group(2)), float(spam.group(3))
-    rules = tuple(r for r in body.decode("ascii", "replace").replace("\r\n", "").split(",")
-                  if _RULE.fullmatch(r.strip()))
-    outcome = FOUND if spam.group(1) in (b"True", b"Yes") else CLEAN
-    return ScanResult(SpamdScanner.name, outcome, score=score, required=required,
-                      rules=tuple(r.strip() for r in rules))
+    if not sep:
+        raise EngineError(PROTOCOL, f"spamd reply without an end of headers {reply[:100]!r}")
+    headers: dict[bytes, bytes] = {}
+    for line in head.split(b"\r\n")[1:]:
+        field = _HEADER.fullmatch(line)
+        if not field or field.group(1).lower() in headers:
+            raise EngineError(PROTOCOL, f"spamd reply header malformed or repeated: {line[:100]!r}")
+        headers[field.group(1).lower()] = field.group(2)
+    length = _LENGTH.fullmatch(headers.get(b"content-length", b""))
+    if not length:
+        raise EngineError(PROTOCOL, f"spamd reply without a Content-length {head[:100]!r}")
+    if int(length.group()) != len(body):
+        raise EngineError(PROTOCOL, f"spamd reply body of {len(body)} bytes, "
+                                    f"Content-length says {length.group().decode()}")
+    spam = _SPAM.fullmatch(headers.get(b"spam", b""))
+    if not spam:
+        raise EngineError(PROTOCOL, f"spamd reply without a Spam header {head[:100]!r}")
+    rules = body.split(b",") if body else []
+    for rule in rules:
+        if not _RULE.fullmatch(rule):
+            raise EngineError(PROTOCOL, f"spamd reply names a rule that cannot exist: {rule[:100]!r}")
+    outcome = FOUND if spam.group(1) == b"True" else CLEAN
+    return ScanResult(SpamdScanner.name, outcome, score=float(spam.group(2)), required=float(spam.group(3)),
+                      rules=tuple(r.decode("ascii") for r in rules))
