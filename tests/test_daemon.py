@@ -34,6 +34,18 @@ def wait_socket(proc, sock, timeout=10):
     assert sock.exists()
 
 
+def wait_logged(tmp_path, proc, text, count=1, timeout=15):
+    """The daemon's output once it has `count` lines containing `text`."""
+    end = time.monotonic() + timeout
+    while True:
+        out = (tmp_path / "out.log").read_text(errors="replace")
+        if sum(text in line for line in out.splitlines()) >= count:
+            return out
+        assert proc.poll() is None, f"daemon exited:\n{out}"
+        assert time.monotonic() < end, f"{text!r} not logged {count} time(s):\n{out}"
+        time.sleep(0.05)
+
+
 def test_socket_mode_signals_and_exit_codes(tmp_path):
     proc, sock, conf = start(tmp_path)
     try:
@@ -41,7 +53,7 @@ def test_socket_mode_signals_and_exit_codes(tmp_path):
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660          # milter_socket_mode default
         conf.write_text(conf.read_text() + "bogus_setting = 1\n")
         proc.send_signal(signal.SIGHUP)                               # a broken reload is refused...
-        time.sleep(1)
+        wait_logged(tmp_path, proc, "reload refused")
         assert proc.poll() is None                                    # ...and the daemon keeps running
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
@@ -51,6 +63,42 @@ def test_socket_mode_signals_and_exit_codes(tmp_path):
     log = (tmp_path / "out.log").read_text()
     assert "reload refused" in log and "bogus_setting" in log and "stopped" in log
     assert "Traceback" not in log
+
+
+def test_quarantine_directories_are_0700_and_a_reload_moves_them(tmp_path):
+    """The umask for the milter socket (milter_socket_mode 0660: umask 0117) must not reach the
+    quarantine: a directory made 0600 could not be entered after a reload or a restart."""
+    def assert_modes(q):
+        assert stat.S_IMODE(os.stat(q).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(q / "entries").st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(q / "index.sqlite").st_mode) == 0o600
+
+    proc, sock, conf = start(tmp_path, f'quarantine_directory = "{tmp_path}/q1"\n')
+    try:
+        wait_socket(proc, sock)
+        wait_logged(tmp_path, proc, "starting scanmilter")
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+        assert_modes(tmp_path / "q1")
+        conf.write_text(conf.read_text().replace("/q1", "/q2"))
+        proc.send_signal(signal.SIGHUP)
+        wait_logged(tmp_path, proc, "reloaded configuration")
+        assert_modes(tmp_path / "q2")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # and a later start with the new directory
+    proc, sock, conf = start(tmp_path, f'quarantine_directory = "{tmp_path}/q2"\n')
+    try:
+        wait_socket(proc, sock)
+        wait_logged(tmp_path, proc, "starting scanmilter")
+        assert_modes(tmp_path / "q2")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in (tmp_path / "out.log").read_text()
 
 
 def test_a_bad_configuration_stops_start_up_with_one_line(tmp_path):

@@ -1,7 +1,9 @@
 """End to end: held mail through real Postfix, reviewed and released with the quarantine CLI."""
+import io
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -186,3 +188,65 @@ def test_store_failure_tempfails_and_nothing_is_lost(stack):
     assert r["code"] == 250
     assert any(e["reason"] == "spam" for e in entries(stack))
     assert not_delivered(stack, marker)
+
+
+FORGED_HEADERS = (b"X-Spam-Flag: NO\r\n"
+                  b"x-virus-status: clean\r\n"
+                  b"X-Quarantine-Released: id=000000000000000000000000, by=postmaster, at=2026-01-01T00:00:00Z\r\n"
+                  b"X-SPAM-STATUS: No, score=-100.0\r\n\trequired=5.0 tests=FORGED\r\n")
+
+
+def test_release_delivers_without_the_senders_forged_verdict_headers(stack):
+    marker = uuid.uuid4().hex
+    data = FORGED_HEADERS + make(f"scanmilter-tag-test {marker}", body=f"forged verdicts {marker}\n")
+    r = stack.send(data, "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)
+    assert r["code"] == 250, r
+    [entry] = [e for e in entries(stack) if marker in e["subject"]]
+    assert b"X-Spam-Flag: NO" in cli(stack, "show", entry["id"], "--raw").stdout.encode()   # held as received
+    rel = cli(stack, "release", entry["id"], "--by", "postmaster")
+    assert rel.returncode == 0, rel.stderr
+    d = delivered_with(stack, marker)
+    for name in ("X-Spam-Flag", "X-Virus-Status", "X-Spam-Status"):
+        assert header_lines(d.data, name) == [], name
+    [ours] = header_lines(d.data, "X-Quarantine-Released")
+    assert ours.startswith(f"X-Quarantine-Released: id={entry['id']}, by=postmaster, at=")
+    assert b"FORGED" not in d.data and b"score=-100" not in d.data
+    assert body_of(d.data) == body_of(data)
+    shown = json.loads(cli(stack, "show", entry["id"], "--json").stdout)
+    assert shown["released"][0]["stripped"] == ["X-Spam-Flag", "x-virus-status", "X-Quarantine-Released",
+                                                "X-SPAM-STATUS"]
+
+
+def test_release_of_utf8_addresses_goes_out_with_smtputf8(stack):
+    from scanmilter import quarantine as Q
+    marker = uuid.uuid4().hex
+    store = Q.Store(str(stack.root / "quarantine"))
+    entry_id = store.put(io.BytesIO(make(f"utf8 {marker}")), {"sender": "jöran@outside.test",
+                                                               "recipients": ["bob@example.com"], "reason": "spam"})
+    rel = cli(stack, "release", entry_id, "--by", "postmaster")
+    assert rel.returncode == 0, rel.stderr
+    d = delivered_with(stack, marker)
+    assert d.recipients == ["bob@example.com"] and b"with UTF8SMTP" in d.data      # Postfix's Received line
+    assert d.sender == "j??ran@outside.test"     # smtp-sink's dump shows the two UTF-8 bytes of "ö" as "??"
+    assert json.loads(cli(stack, "show", entry_id, "--json").stdout)["released"][0]["to"] == ["bob@example.com"]
+
+
+def test_a_locked_index_is_counted_logged_and_repaired_by_the_daemon(stack):
+    marker = uuid.uuid4().hex
+    blocker = sqlite3.connect(str(stack.root / "quarantine" / "index.sqlite"), isolation_level=None)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")          # the daemon's index write times out on this
+        assert hold(stack, marker)[1]["code"] == 250
+        line = stack.wait_logged("quarantine index not updated for")[-1]
+        entry_id = re.search(r"not updated for ([0-9a-f]{24}):", line).group(1)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10).read()
+        assert b"scanmilter_quarantine_index_failures_total 1.0" in text
+    finally:
+        blocker.rollback()
+        blocker.close()
+    # the daemon's periodic check rebuilds the index; the entry is listed again
+    stack.wait_logged("quarantine: index rebuilt from the entry files")
+    assert (stack.root / "quarantine" / "index.stale").exists() is False
+    r = cli(stack, "list", "--json")
+    assert entry_id in r.stdout and marker in r.stdout
+    assert cli(stack, "delete", entry_id).returncode == 0

@@ -287,7 +287,8 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
 """
         services = [  # name type private unpriv chroot wakeup maxproc command; chroot always off
             f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd",
-            f"127.0.0.1:{self.release_port} inet n - n - - smtpd -o smtpd_milters= -o non_smtpd_milters=",
+            f"127.0.0.1:{self.release_port} inet n - n - - smtpd -o smtpd_milters= -o non_smtpd_milters="
+            " -o smtputf8_enable=yes",  # quarantine releases of mail with UTF-8 addresses
             "pickup unix n - n 60 1 pickup",
             "cleanup unix n - n - 0 cleanup", "qmgr unix n - n 300 1 qmgr",
             "rewrite unix - - n - - trivial-rewrite", "bounce unix - - n - 0 bounce",

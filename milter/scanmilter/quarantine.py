@@ -277,14 +277,18 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot create {self.index_path}: {e.strerror}") from None
         try:
-            os.fchmod(fd, 0o600)
-            top = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | _OPEN_FLAGS)
-            try:
-                self._own(fd, top)
-            finally:
-                os.close(top)
+            self._private(fd)
         finally:
             os.close(fd)
+
+    def _private(self, fd: int) -> None:
+        """Mode 0600, and the quarantine directory's owner when a root-run command made the file."""
+        os.fchmod(fd, 0o600)
+        top = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | _OPEN_FLAGS)
+        try:
+            self._own(fd, top)
+        finally:
+            os.close(top)
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -306,12 +310,7 @@ class Store:
         except OSError:
             return False
         try:
-            os.fchmod(fd, 0o600)
-            top = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | _OPEN_FLAGS)
-            try:
-                self._own(fd, top)
-            finally:
-                os.close(top)
+            self._private(fd)
         except OSError:
             pass
         finally:

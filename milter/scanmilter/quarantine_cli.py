@@ -203,7 +203,10 @@ def _learn(store, cfg, ids, message_class: str, by: str) -> int:
         except quarantine.NotFound as e:
             print(f"scanmilter: {escape(str(e))}", file=sys.stderr)
             missing += 1
-        except (EngineError, OSError, quarantine.StoreError) as e:
+        except quarantine.StoreError as e:
+            print(f"scanmilter: {escape(entry_id, 64)}: {escape(str(e))}", file=sys.stderr)
+            failed += 1
+        except (EngineError, OSError) as e:
             print(f"scanmilter: {escape(entry_id, 64)}: spamd did not learn it as {message_class}: {escape(str(e))}",
                   file=sys.stderr)
             failed += 1
