@@ -64,3 +64,20 @@ def test_check_config_fails_cleanly(tmp_path, capsys):
     assert cli.main(["check-config", "-c", write(tmp_path, "bogus = 1\n")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("scanmilter: fatal: ") and "bogus" in err and "Traceback" not in err
+
+
+def test_check_config_n_shows_only_values_that_differ_from_the_defaults(tmp_path, capsys):
+    """Like `postconf -n`: a setting written out with its default value is no change. Every
+    setting is written with its default here, the mode without its leading zero, and one real change."""
+    lines = [f"{s.name} = {config.toml_value(s.default)}" for s in config.DAEMON_SETTINGS
+             if s.name not in ("milter_socket_mode", "spamd_timeout")]
+    mode = next(s.default for s in config.DAEMON_SETTINGS if s.name == "milter_socket_mode")
+    path = write(tmp_path, "\n".join(lines) + f'\nmilter_socket_mode = "{mode.lstrip("0")}"\nspamd_timeout = 31\n')
+    assert config.load(path).changed == frozenset({"spamd_timeout"})
+    assert cli.main(["check-config", "-c", path, "-n"]) == 0
+    daemon_part = capsys.readouterr().out.split("# policy")[0]
+    assert [line for line in daemon_part.splitlines() if line and not line.startswith("#")] == [
+        "spamd_timeout = 31.0  # changed, default 30.0"]
+    assert cli.main(["check-config", "-c", path]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# changed") == 1 and f'milter_socket_mode = "{mode.lstrip("0")}"  # mode: ' in out

@@ -108,6 +108,14 @@ def test_a_bad_configuration_stops_start_up_with_one_line(tmp_path):
     assert out.startswith("scanmilter: fatal: ") and "clamd_timeout" in out and out.count("\n") == 1
 
 
+def test_a_socket_that_cannot_be_created_is_explained(tmp_path):
+    """libmilter says only "cannot opensocket": the log says which directory is missing."""
+    proc, sock, conf = start(tmp_path, milter_socket=f"unix:{tmp_path}/missing/s.sock")
+    assert proc.wait(timeout=30) == 1
+    out = (tmp_path / "out.log").read_text()
+    assert "milter loop failed" in out and f"directory {tmp_path}/missing does not exist" in out, out
+
+
 # Flags that skip a stage or leave it unanswered; unknown commands may stay skipped.
 SKIP_OR_NO_REPLY = (MT.P_NOCONNECT | MT.P_NOHELO | MT.P_NOMAIL | MT.P_NORCPT | MT.P_NOBODY | MT.P_NOHDRS
                     | MT.P_NOEOH | MT.P_NODATA | MT.P_NR_HDR | MT.P_NR_CONN | MT.P_NR_HELO | MT.P_NR_MAIL

@@ -1,5 +1,8 @@
 """End to end: metrics after real mail, engine health, state-change logging, selftest."""
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -138,3 +141,122 @@ def test_selftest_passes_and_fails_when_clamd_is_stopped(stack):
         stack.start_service("clamd")
     assert bad.returncode == 1
     assert "FAIL clean" in bad.stdout and "FAIL eicar" in bad.stdout and "Traceback" not in bad.stderr
+
+
+# EICAR and GTUBE held, not refused: virus_action "quarantine", and GTUBE's score (about 1000)
+# lies between quarantine_level and reject_level
+HOLDING_POLICY = """
+[inbound]
+virus_action = "quarantine"
+quarantine_level = 8.0
+reject_level = inf
+quarantine_action = "discard"
+"""
+# the same held through [virus_classes], with a 550 reply to the sender
+HOLDING_POLICY_REJECT = """
+[inbound]
+quarantine_level = 8.0
+reject_level = inf
+quarantine_action = "reject"
+[virus_classes]
+"Eicar-*" = "quarantine"
+"""
+
+
+def quarantine_list(stack):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "milter"))
+    return subprocess.run([sys.executable, "-m", "scanmilter", "quarantine", "list", "-c", str(stack.milter_config)],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+class AskingStack(stacklib.Stack):
+    """A stack whose Postfix asks for selftest's mark among its connect macros (it has no value
+    to send for it: its macros are its own attributes)."""
+
+    def _write_configs(self):
+        super()._write_configs()
+        main = self.postfix_conf / "main.cf"
+        text = main.read_text().replace("milter_connect_macros = ", "milter_connect_macros = {scanmilter_selftest} ")
+        assert "{scanmilter_selftest}" in text
+        main.write_text(text)
+
+
+def test_selftest_judges_by_a_policy_that_quarantines_and_holds_nothing():
+    root = scratch("scanmilter-e2e-selftest-q-")
+    s = AskingStack(root, smtp_port=stacklib.free_port(), policy_text=HOLDING_POLICY,
+                    scanmilter_settings={"quarantine_directory": f"{root}/quarantine"})
+    s.start()
+    try:
+        ok = selftest(s)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        lines = ok.stdout.splitlines()
+        assert [line.split(":")[0] for line in lines] == ["PASS clean", "PASS gtube", "PASS eicar"]
+        assert lines[1].startswith("PASS gtube: discard;") and "not stored: self test" in lines[1]
+        assert lines[2].startswith("PASS eicar: discard;") and "Eicar-Test-Signature" in lines[2]
+        listed = quarantine_list(s)
+        assert (listed.returncode, listed.stdout.strip()) == (0, "Quarantine is empty"), listed.stdout + listed.stderr
+        # the test messages went nowhere: nothing reached Postfix, nothing was delivered
+        assert s.delivered() == [] and s.queue_empty() and "SELFTEST" not in s.postfix_log()
+        log = s.logs["scanmilter"].read_text()
+        assert log.count("self test: would quarantine") == 2 and "quarantined as" not in log
+
+        # the same policy holds real mail from Postfix, even one that asks for the self-test mark
+        r = s.send(make("a real virus", body=stacklib.eicar().decode() + "\n"), "alice@outside.test",
+                   ["bob@example.com"], xclient_addr=OUTSIDE)
+        assert r["code"] == 250, r
+        s.wait_logged("quarantined as")
+        listed = quarantine_list(s)
+        assert listed.returncode == 0 and "Eicar" in listed.stdout and "1 entry" in listed.stdout, listed.stdout
+
+        # [virus_classes] and quarantine_action = "reject": the sender's answer is quarantine_reply
+        (s.milter_config.parent / "policy.toml").write_text(HOLDING_POLICY_REJECT)
+        reloads = len(s.wait_logged("reloaded configuration", count=0))
+        [(pid, _)] = s._pids("scanmilter")
+        os.kill(pid, signal.SIGHUP)
+        s.wait_logged("reloaded configuration", count=reloads + 1)
+        ok = selftest(s)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        lines = ok.stdout.splitlines()
+        assert lines[2].startswith("PASS eicar: 550 5.7.1 Message held for review by the postmaster;"), lines
+        assert '"Eicar-*"' in lines[2] and "not stored: self test" in lines[2]
+        listed = quarantine_list(s)
+        assert "1 entry" in listed.stdout, listed.stdout          # still only the real message
+    finally:
+        s.stop()
+
+
+def readme_swaks() -> list[str]:
+    """The README's swaks command for an inbound test from the server itself."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Trying it from the server itself", 1)[1].split("\n## ", 1)[0]
+    assert "smtpd_authorized_xclient_hosts = 127.0.0.1\n" in section        # the main.cf line, exactly
+    [line] = [ln for ln in section.split("```sh\n", 1)[1].split("```", 1)[0].splitlines() if ln.startswith("swaks ")]
+    return shlex.split(line)
+
+
+def swaks(stack, args: list[str], marker: str) -> str:
+    args = [{"127.0.0.1": f"127.0.0.1:{stack.smtp_port}", "someone@yourdomain": "bob@example.com"}.get(a, a)
+            for a in args]
+    r = subprocess.run([*args, "--header", f"Subject: {marker}", "--from", "admin@example.com"],
+                       capture_output=True, text=True, timeout=120)
+    return r.stdout + r.stderr
+
+
+def test_mail_from_the_box_is_outbound_and_the_readme_xclient_command_tests_inbound(stack):
+    command = readme_swaks()
+    gtube_body = command.index("--body")
+    # the README's command: inbound, refused by the [inbound] spam reply
+    out = swaks(stack, command, uuid.uuid4().hex)
+    assert "<** 550 5.7.1 Message rejected as spam (score " in out, out
+    # the same without XCLIENT: loopback is internal, so the [outbound] policy answers
+    plain = [a for i, a in enumerate(command) if not a.startswith("--xclient")
+             and not command[i - 1].startswith("--xclient")]
+    out = swaks(stack, plain, uuid.uuid4().hex)
+    assert "<** 550 5.7.1 Your message was not sent: it looks like spam" in out, out
+    # without --body: swaks's own clean message, delivered with the inbound scan headers
+    marker = uuid.uuid4().hex
+    out = swaks(stack, command[:gtube_body] + command[gtube_body + 2:], marker)
+    assert "<-  250 2.0.0 Ok: queued" in out, out
+    d = delivered_with(stack, marker)
+    # inbound scan headers (swaks's bare message from a documentation address may score enough for a tag)
+    assert b"\nX-Virus-Status: clean\n" in d.data and re.search(rb"\nX-Spam-Status: (Yes|No), score=", d.data)

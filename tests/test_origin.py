@@ -47,3 +47,9 @@ def test_a_submission_reads_like_its_spool_and_the_prefix_comes_first():
     with _Prefixed(b"Received: a\r\n", sub.reader()) as r:
         data = b"".join(iter(lambda: r.read(5), b""))
     assert data == b"Received: a\r\nSubject: x\r\n\r\nbody\r\n"
+
+
+def test_a_client_without_a_name_is_unknown_as_in_postfixs_own_line():
+    for name in ("[203.0.113.9]", "", "unknown", "[IPv6:2001:db8::9]"):
+        line = received_line(Origin("203.0.113.9", name, "helo.test", "", False, "mx", "Q")).decode()
+        assert line.startswith("Received: from helo.test (unknown [203.0.113.9])\r\n"), line

@@ -1,6 +1,7 @@
 """The built wheel, installed into a fresh venv outside the checkout, runs on its own: --version,
 check-config on the shipped example configuration, and selftest against a stack whose
 scanmilter is the installed one."""
+import functools
 import os
 import subprocess
 import sys
@@ -21,17 +22,31 @@ def run(*cmd, **kw):
     return out
 
 
-@pytest.fixture(scope="module")
-def installed():
-    """A venv outside the checkout with only the built wheel (and its dependencies) in it."""
+@functools.cache
+def build_wheel():
+    """The wheel and sdist, built once per session in a scratch directory: (work directory, wheel)."""
     work = Path(scratch("scanmilter-pkg-"))
     work.chmod(0o755)
     run(sys.executable, "-m", "build", "-o", work / "dist", ROOT)
     [wheel] = (work / "dist").glob("scanmilter-*.whl")
     assert list((work / "dist").glob("scanmilter-*.tar.gz")), "no sdist"
-    run(sys.executable, "-m", "venv", work / "venv")
-    run(work / "venv" / "bin" / "pip", "install", "-q", "--disable-pip-version-check", wheel, cwd=work)
     return work, wheel
+
+
+@functools.cache
+def install_wheel(python=sys.executable, name="venv"):
+    """A venv WORK/NAME made by `python`, outside the checkout, with only the built wheel (and its
+    dependencies) in it; once per session (test_e2e_server.py uses one of Debian's python3, as
+    the README does). Returns (work directory, wheel)."""
+    work, wheel = build_wheel()
+    run(python, "-m", "venv", work / name)
+    run(work / name / "bin" / "pip", "install", "-q", "--disable-pip-version-check", wheel, cwd=work)
+    return work, wheel
+
+
+@pytest.fixture(scope="module")
+def installed():
+    return install_wheel()
 
 
 def test_wheel_carries_the_shipped_data(installed):

@@ -9,14 +9,16 @@ Everything lives under one directory DIR (absolute path) and listens on 127.0.0.
   scanmilter  `python -m scanmilter serve -c DIR/scanmilter/scanmilter.toml`, milter on
               DIR/scanmilter/scanmilter.sock
   postfix     private instance (config DIR/postfix/etc) with smtpd on 127.0.0.1:SMTP_PORT, relays
-              everything to the sink, smtpd_milters = the scanmilter socket
+              everything to the sink, smtpd_milters = the scanmilter socket; chroot off, or with
+              --debian-master Debian's packaged master.cf (smtpd and cleanup chrooted in the queue
+              directory, DIR/postfix/queue, which then holds the milter socket as well)
 
 Every process is recorded in DIR/run/NAME.pid ("pid starttime" per line) and stopped by pid:
 SIGTERM, wait (reading /proc/PID/stat, since zombies linger), then SIGKILL after a bounded wait.
 The postfix and debian-spamd users must be able to reach DIR: every parent directory must be
 world-searchable (pytest's tmp_path under /tmp/pytest-of-root, mode 0700, is not; use mkdtemp).
 
-Command line:  python tools/stack.py up|down|status --dir DIR [--smtp-port N]
+Command line:  python tools/stack.py up|down|status --dir DIR [--smtp-port N] [--debian-master]
 """
 import argparse, dataclasses, email, email.policy, json, os, pwd, shutil, signal
 import shlex, smtplib, socket, subprocess, sys, time
@@ -25,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = ("clamd", "spamd", "sink", "scanmilter", "postfix")  # start order
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL (libmilter notices shutdown every 5 s)
+DEBIAN_MASTER_CF = Path("/usr/share/postfix/master.cf.dist")          # Debian installs it as master.cf
+DEBIAN_CONFIGURE_INSTANCE = Path("/usr/lib/postfix/configure-instance.sh")  # fills the chroot
 sys.path.insert(0, str(REPO / "milter"))
 from scanmilter.selftest import eicar  # noqa: E402  (one place builds the EICAR string at run time)
 
@@ -138,7 +142,8 @@ def _chown(path, user):
 class Stack:
     def __init__(self, root, *, smtp_port=2525, with_milter=True, milter_cmd=None,
                  scanmilter_settings=None, policy_text=None, spamd_children=2, clamd_settings=None,
-                 milter_inet_port=None, spamd_learning=False):
+                 milter_inet_port=None, spamd_learning=False, debian_master=False, queue_dir=None,
+                 milter_socket=None, postfix_settings=None, before_start=None):
         self.root = Path(root).resolve()
         self.smtp_port, self.with_milter, self.spamd_children = smtp_port, with_milter, spamd_children
         self.milter_cmd = milter_cmd  # list of str; "{socket}", "{config}", "{root}" are filled in
@@ -153,7 +158,14 @@ class Stack:
         r = self.root
         self.run_dir, self.delivered_dir = r / "run", r / "delivered"
         self.clamd_socket = r / "clamd" / "clamd.sock"
-        self.milter_socket = r / "scanmilter" / "scanmilter.sock"
+        # debian_master: Debian's packaged master.cf (smtpd, cleanup and most services chrooted in
+        # the queue directory), its smtp service moved to 127.0.0.1:SMTP_PORT, and the chroot filled
+        # as Debian's init does; the milter socket then defaults to QUEUE/scanmilter/scanmilter.sock
+        self.debian_master = debian_master
+        self.postfix_conf = r / "postfix" / "etc"
+        self.queue_dir = Path(queue_dir).resolve() if queue_dir else r / "postfix" / "queue"
+        default_socket = self.queue_dir / "scanmilter" if debian_master else r / "scanmilter"
+        self.milter_socket = Path(milter_socket) if milter_socket else default_socket / "scanmilter.sock"
         # milter_inet_port: the milter talks TCP on 127.0.0.1:PORT instead of the unix socket
         self.milter_inet_port = milter_inet_port
         if milter_inet_port:
@@ -161,8 +173,12 @@ class Stack:
             self.postfix_milter = f"inet:127.0.0.1:{milter_inet_port}"      # Postfix's spelling
         else:
             self.milter_address = self.postfix_milter = f"unix:{self.milter_socket}"
+            if debian_master and self.milter_socket.is_relative_to(self.queue_dir):
+                # chrooted smtpd and cleanup name the socket from inside the queue directory
+                self.postfix_milter = f"unix:/{self.milter_socket.relative_to(self.queue_dir)}"
         self.milter_config = r / "scanmilter" / "scanmilter.toml"
-        self.postfix_conf, self.queue_dir = r / "postfix" / "etc", r / "postfix" / "queue"
+        self.postfix_settings = dict(postfix_settings or {})   # main.cf parameters that replace ours
+        self.before_start = before_start   # called with the stack once its files exist, before any service
         self.logs = {name: r / name / f"{name}.log" for name in SERVICES}
         self._procs = {}
 
@@ -186,6 +202,8 @@ class Stack:
         for d in ("run", "clamd/db", "clamd/tmp", "spamd/site", "spamd/home", "sink", "scanmilter",
                   "postfix/etc", "postfix/data", "postfix/queue", "delivered"):
             (r / d).mkdir(parents=True, exist_ok=True)
+        self.queue_dir.mkdir(parents=True, exist_ok=True)
+        self.milter_socket.parent.mkdir(parents=True, exist_ok=True)
         _chown(r / "postfix/data", "postfix")
         _chown(r / "delivered", "postfix")
         _chown(r / "spamd/home", "debian-spamd")
@@ -298,8 +316,35 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
             "showq unix n - n - - showq", "error unix - - n - - error", "retry unix - - n - - error",
             "discard unix - - n - - discard", "anvil unix - - n - 1 anvil", "scache unix - - n - 1 scache",
             "postlog unix-dgram n - n - 1 postlogd"]
+        if self.debian_master:
+            services = self._debian_services()
+        for name, value in self.postfix_settings.items():
+            main = "".join(ln for ln in main.splitlines(True) if ln.partition("=")[0].strip() != name)
+            main += f"{name} = {value}\n"
         (self.postfix_conf / "main.cf").write_text(main)
         (self.postfix_conf / "master.cf").write_text("\n".join(services) + "\n")
+        if self.debian_master:
+            self._fill_chroot()
+
+    def _debian_services(self):
+        """Debian's packaged master.cf, as installed in /etc/postfix: only the smtp service moves to
+        127.0.0.1:SMTP_PORT, and the release service is added in the same style (chrooted)."""
+        lines = DEBIAN_MASTER_CF.read_text().splitlines()
+        smtpd = [i for i, ln in enumerate(lines) if ln.split()[:2] == ["smtp", "inet"]]
+        if len(smtpd) != 1:
+            raise StackError(f"{DEBIAN_MASTER_CF}: expected one 'smtp inet' line")
+        fields = lines[smtpd[0]].split()
+        lines[smtpd[0]] = " ".join([f"127.0.0.1:{self.smtp_port}"] + fields[1:])
+        release = " ".join([f"127.0.0.1:{self.release_port}"] + fields[1:])
+        return lines + [f"{release} -o smtpd_milters= -o non_smtpd_milters= -o smtputf8_enable=yes"]
+
+    def _fill_chroot(self):
+        """What Debian's postfix service does before start: copy etc/services, hosts, resolv.conf,
+        nsswitch.conf, localtime and the NSS libraries into the queue directory (the chroot)."""
+        out = subprocess.run(["sh", str(DEBIAN_CONFIGURE_INSTANCE), "-"], capture_output=True, text=True,
+                             env={**os.environ, "MAIL_CONFIG": str(self.postfix_conf)}, timeout=120)
+        if out.returncode != 0:
+            raise StackError(f"{DEBIAN_CONFIGURE_INSTANCE} failed: {out.stdout}{out.stderr}")
 
     # ------------------------------------------------------------ one service
     def _command(self, name):
@@ -418,6 +463,8 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
         for d in (self.delivered_dir, self.queue_dir):  # a fresh start: no old mail
             shutil.rmtree(d, ignore_errors=True)
         self._write_configs()
+        if self.before_start:
+            self.before_start(self)
         for name in SERVICES:
             self.logs[name].write_bytes(b"")
             self._outfile(name).write_bytes(b"")
@@ -458,15 +505,16 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
 
     # ------------------------------------------------------------ mail helpers
     def send(self, msg_bytes, sender, recipients, xclient_addr=None, xclient_name="mail.outside.test",
-             timeout=300, xclient_login=None):
+             timeout=300, xclient_login=None, port=None):
         """Send over SMTP; {"code", "reply", "stage"} of the DATA answer or of the first refusal.
-        xclient_login: present the session as SASL-authenticated with this login (XCLIENT LOGIN)."""
+        xclient_login: present the session as SASL-authenticated with this login (XCLIENT LOGIN).
+        port: another smtpd of this Postfix instead of SMTP_PORT."""
         def result(code, reply, stage):
             reply = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
             return {"code": code, "reply": reply, "stage": stage}
         stage = "connect"
         try:
-            with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=timeout) as smtp:
+            with smtplib.SMTP("127.0.0.1", port or self.smtp_port, timeout=timeout) as smtp:
                 smtp.ehlo("client.test")
                 if xclient_addr or xclient_login:
                     stage = "xclient"
@@ -623,9 +671,12 @@ def main(argv=None):
     ap.add_argument("--smtp-port", type=int, default=2525)
     ap.add_argument("--no-milter", action="store_true", help="bare Postfix (no smtpd_milters)")
     ap.add_argument("--milter-cmd", help="command instead of scanmilter; {socket} {config} {root} filled in")
+    ap.add_argument("--debian-master", action="store_true",
+                    help="Debian's packaged master.cf: smtpd and cleanup chrooted, the milter socket inside")
     args = ap.parse_args(argv)
     stack = Stack(args.dir, smtp_port=args.smtp_port, with_milter=not args.no_milter,
-                  milter_cmd=shlex.split(args.milter_cmd) if args.milter_cmd else None)
+                  milter_cmd=shlex.split(args.milter_cmd) if args.milter_cmd else None,
+                  debian_master=args.debian_master)
     try:
         if args.action == "up":
             stack.start()

@@ -86,6 +86,21 @@ def with_socket_mode(open_socket, milter_socket: str, mode: int):
     return wrapper
 
 
+def socket_problem(milter_socket: str) -> str:
+    """Why a unix milter socket could not be created, as far as can be seen from outside
+    (libmilter only says "cannot opensocket"); "" when nothing is seen."""
+    kind, _, path = milter_socket.partition(":")
+    if kind not in ("unix", "local"):
+        return ""
+    directory = os.path.dirname(path) or "/"
+    if not os.path.isdir(directory):
+        return f" ({milter_socket}: directory {directory} does not exist)"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return (f" ({milter_socket}: directory {directory} is not writable by uid {os.geteuid()}; "
+                "under systemd it must be in ReadWritePaths=)")
+    return ""
+
+
 def open_store(cfg) -> quarantine.Store | None:
     if not cfg.quarantine_directory:
         return None
@@ -187,7 +202,7 @@ def serve(config_path: str | None) -> int:
             signals.reload = False
             reload(runtime, config_path)
     if failure:
-        log.critical("milter loop failed: %s", failure[0])
+        log.critical("milter loop failed: %s%s", failure[0], socket_problem(cfg.milter_socket))
         return _exit(1)
     milter.stop()
     return drain(runtime, runtime.cfg.shutdown_timeout)

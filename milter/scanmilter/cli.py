@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from . import __version__, config, policyfile, quarantine_cli
 from .policy import INBOUND, OUTBOUND
+from .postfix_check import CONNECT_TIMEOUT
 
 
 def _fatal(e: Exception) -> int:
@@ -66,7 +69,8 @@ def _serve(args) -> int:
 def _postfix_check(args) -> int:
     from .postfix_check import run
     try:
-        return run(args.config, args.main_cf, args.clamd_conf)
+        return run(quarantine_cli.config_path(args.config), args.main_cf, args.clamd_conf,
+                   connect=not args.no_connect, timeout=args.timeout)
     except config.ConfigError as e:
         return _fatal(e)
 
@@ -74,7 +78,7 @@ def _postfix_check(args) -> int:
 def _selftest(args) -> int:
     from .selftest import run
     try:
-        address = args.socket or config.load(args.config).milter_socket
+        address = args.socket or config.load(quarantine_cli.config_path(args.config)).milter_socket
     except config.ConfigError as e:
         return _fatal(e)
     return run(address, args.timeout)
@@ -128,14 +132,21 @@ def main(argv: list[str] | None = None) -> int:
 
     quarantine_cli.add_parser(sub)
 
-    p = sub.add_parser("postfix-check", help="compare Postfix's and clamd's settings with scanmilter's")
-    p.add_argument("-c", "--config", help="scanmilter configuration file")
+    p = sub.add_parser("postfix-check", help="compare Postfix's and clamd's settings with scanmilter's, and "
+                       "check that Postfix can reach the running daemon")
+    p.add_argument("-c", "--config", help=f"scanmilter configuration file (default $SCANMILTER_CONFIG or "
+                                          f"{quarantine_cli.DEFAULT_CONFIG})")
     p.add_argument("--main-cf", help="a Postfix main.cf to check (default: the running system's, via postconf)")
     p.add_argument("--clamd-conf", default="/etc/clamav/clamd.conf", help="clamd.conf (default %(default)s)")
+    p.add_argument("--no-connect", action="store_true",
+                   help="only compare the files: do not look for the socket, connect as Postfix, or negotiate")
+    p.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT,
+                   help="seconds to wait for the milter to connect and answer (default %(default)s)")
     p.set_defaults(func=_postfix_check)
 
     p = sub.add_parser("selftest", help="send a clean message, GTUBE and EICAR to a running scanmilter")
-    p.add_argument("-c", "--config", help="configuration file (its milter_socket is used)")
+    p.add_argument("-c", "--config", help=f"configuration file, whose milter_socket is used (default "
+                                          f"$SCANMILTER_CONFIG or {quarantine_cli.DEFAULT_CONFIG})")
     p.add_argument("--socket", help="milter address instead, e.g. unix:/run/scanmilter/scanmilter.sock")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per case (default 60)")
     p.set_defaults(func=_selftest)
@@ -143,4 +154,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "explain" and not args.rcpt:
         parser.error("explain needs at least one --rcpt")
-    return args.func(args)
+    try:
+        status = args.func(args)
+        sys.stdout.flush()          # a closed pipe shows here, not in the flush at exit
+    except BrokenPipeError:
+        return _output_closed()
+    return status
+
+
+def _output_closed() -> int:
+    """The reader of our output went away (`| head`). End quietly with the status of a Unix tool
+    killed by SIGPIPE, 141, so that `set -o pipefail` sees what it sees for `cat`; SIGPIPE itself
+    stays ignored, as Python sets it, so that a peer closing a socket never kills a release."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())       # the interpreter's last flush then goes nowhere
+    except (OSError, ValueError):
+        pass                                        # no file descriptor (output captured in-process)
+    return 128 + signal.SIGPIPE

@@ -76,8 +76,9 @@ def _reply_text(v: str) -> str | None:
 
 
 DAEMON_SETTINGS = [
-    Setting("milter_socket", "unix:/run/scanmilter/scanmilter.sock", "socket",
-            "where scanmilter listens for Postfix (libmilter syntax: unix:/path or inet:PORT@127.0.0.1)",
+    Setting("milter_socket", "unix:/var/spool/postfix/scanmilter/scanmilter.sock", "socket",
+            "where scanmilter listens for Postfix (libmilter syntax: unix:/path or inet:PORT@127.0.0.1); "
+            "the default lies in Debian's Postfix chroot, where main.cf names it unix:/scanmilter/scanmilter.sock",
             check=_milter_socket),
     Setting("milter_socket_mode", "0660", "mode",
             "permissions of the unix socket (Postfix's smtpd must be able to write to it)", check=_octal),
@@ -258,13 +259,21 @@ VIRUS_CLASS_ACTIONS = ("reject", "quarantine", "discard", "tag", "tempfail")
 HEADER_REWRITE_ACTIONS = ("add", "remove", "replace")
 
 
+def _same(s: Setting, value: Any) -> bool:
+    """Whether a value means the setting's default: a mode is a number however it is written."""
+    if s.unit == "mode":
+        return int(value, 8) == int(s.default, 8)
+    return value == s.default
+
+
 class Values:
     """Effective settings: attribute access, plus which were changed from the defaults."""
 
     def __init__(self, settings: list[Setting], values: dict[str, Any], source: str):
         self._settings = {s.name: s for s in settings}
         self._values = {s.name: s.default for s in settings} | values
-        self.changed = frozenset(values)
+        # like `postconf -n`: a value written out but equal to the default is no change
+        self.changed = frozenset(k for k, v in values.items() if not _same(self._settings[k], v))
         self.source = source
 
     def __getattr__(self, name: str) -> Any:

@@ -15,6 +15,7 @@ import Milter
 
 from . import headers as H
 from . import policy as P
+from . import selftest
 from . import transport
 from .logs import escape, log, summary
 from .message import Connection, Message, Spool
@@ -94,6 +95,7 @@ class Handler(Milter.Base):
         self.msg: Message | None = None
         self.failed = False
         self.counted = False        # this session is in connections_in_flight
+        self.selftest = False       # a `scanmilter selftest` session (see the end of this class)
 
     def negotiate(self, opts):
         rc = super().negotiate(opts)
@@ -108,6 +110,7 @@ class Handler(Milter.Base):
         address = hostaddr[0] if isinstance(hostaddr, tuple) and hostaddr else ""
         self.conn = Connection(address, hostname or "", self.getsymval("{daemon_name}") or "",
                                self.getsymval("j") or "")
+        self.selftest = self.getsymval(selftest.MARK_MACRO) == selftest.MARK_VALUE
         if not self.counted:
             self.counted = True
             self.rt.metrics.connections_in_flight.inc()
@@ -208,6 +211,8 @@ class Handler(Milter.Base):
         self._count(msg, outcome, verdict, logged, held, time.monotonic() - eom_started)
         log.info("%s", summary(qid, logged, outcome, verdict, msg.sender, len(msg.recipients), msg.size,
                                (time.monotonic() - msg.started) * 1000, conn.client_address, held))
+        if self.selftest:
+            self._selftest_report(verdict, outcome, action, held)
         self._end_message()
         return _MILTER_ACTION[action]
 
@@ -234,6 +239,8 @@ class Handler(Milter.Base):
             log.error("%s: cannot quarantine %s: tempfail", qid,
                       "an oversize message" if store else "without quarantine_directory")
             return ""
+        if self.selftest:
+            return self._selftest_not_stored(qid, outcome)
         lead = next(d for d in outcome.recipients if d.recipient in outcome.quarantine)
         subject = next((h.text() for h in msg.seen if h.name.lower() == "subject"), "")
         meta = {"queue_id": msg.queue_id, "sender": msg.sender, "recipients": list(outcome.quarantine),
@@ -289,6 +296,18 @@ class Handler(Milter.Base):
                 self.chgheader(e.name, e.index, " " + e.value)
             else:
                 self.chgheader(e.name, e.index, None)
+
+    # ---- `scanmilter selftest` sessions, marked by selftest.MARK_MACRO, which Postfix never sends.
+    # They are decided like any other message, but their test messages are never stored in the
+    # quarantine (no MTA delivers them either), and the verdict and decision go back to selftest.
+
+    def _selftest_not_stored(self, qid: str, outcome: P.Outcome) -> str:
+        log.info("%s: self test: would quarantine for %s; not stored", qid,
+                 ", ".join(f"<{escape(r)}>" for r in outcome.quarantine))
+        return selftest.NOT_STORED
+
+    def _selftest_report(self, verdict, outcome: P.Outcome, action: str, held: str) -> None:
+        self.addheader(selftest.REPORT_HEADER, " " + selftest.report(verdict, outcome, action, held))
 
     @guarded
     def abort(self):

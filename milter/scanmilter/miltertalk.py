@@ -127,12 +127,14 @@ class Session:
                 continue                       # other modifications do not matter here
 
     def message(self, client_ip: str, helo: str, sender: str, recipients: list[str],
-                headers: list[tuple[str, str]], body: bytes, macros: dict[str, str] | None = None) -> Answer:
-        """One SMTP session with one message, as Postfix would present it."""
+                headers: list[tuple[str, str]], body: bytes, macros: dict[str, str] | None = None,
+                connect_macros: dict[str, str] | None = None) -> Answer:
+        """One SMTP session with one message, as Postfix would present it. connect_macros: more
+        macros (name: value, braces included) sent with the connect stage."""
         macros = macros or {}
         self.negotiate()
         self.macros(b"C", {"j": "selftest.localhost", "{daemon_name}": macros.get("daemon_name", "smtpd"),
-                           "{client_addr}": client_ip})
+                           "{client_addr}": client_ip, **(connect_macros or {})})
         family, port = (b"6" if ":" in client_ip else b"4"), struct.pack("!H", 25)
         lead = " " if self.protocol & P_HDR_LEADSPC else ""
         steps = [
@@ -169,3 +171,44 @@ class Session:
         self.macros(b"E", {"i": macros.get("queue_id", "SELFTEST")})
         self._send(b"E")
         return self._answer("eom")
+
+
+def connect(address: str, timeout: float) -> socket.socket:
+    """A socket connected to a milter address ("unix:/path", "local:/path" or "inet:PORT@HOST"):
+    unlike Session, a failed connection raises the OSError itself, errno kept, so that a caller
+    can tell "permission denied" from "nobody listens" (postfix-check)."""
+    kind, _, where = address.partition(":")
+    if kind in ("unix", "local"):
+        sock, target = socket.socket(socket.AF_UNIX), where
+    elif kind in ("inet", "inet6"):
+        port, _, host = where.partition("@")
+        sock = socket.socket(socket.AF_INET6 if kind == "inet6" else socket.AF_INET)
+        target = (host or ("::1" if kind == "inet6" else "127.0.0.1"), int(port))
+    else:
+        raise MilterError(f"unsupported milter address {address!r}")
+    sock.settimeout(timeout)
+    try:
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Connected(Session):
+    """A Session on a socket connected elsewhere (see `connect`)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.protocol = sock, 0
+
+
+def negotiate_on(sock: socket.socket) -> int:
+    """Negotiate on a connected socket as Postfix opens a session, then quit and close it: proof
+    that a milter answers there. Returns the protocol flags the milter asked for; raises
+    MilterError for an answer that is not a milter's, OSError (TimeoutError) for none."""
+    session = _Connected(sock)
+    try:
+        session.negotiate()
+        return session.protocol
+    finally:
+        session.close()

@@ -1,8 +1,13 @@
 """`scanmilter postfix-check`: read Postfix's configuration (through `postconf`, so Postfix's own
-defaults and $name expansion apply), clamd.conf and scanmilter's settings, and report every
-mismatch with its fix. Exit 1 when there is an error, else 0."""
+defaults, $name expansion and master.cf parsing apply), clamd.conf and scanmilter's settings, and
+report every mismatch with its fix. Then, unless --no-connect, meet the running daemon as Postfix
+would: the socket exists, Postfix's user may connect to it, and a milter answers the negotiation.
+Exit 1 when there is an error, else 0."""
 from __future__ import annotations
 
+import errno
+import grp
+import json
 import os
 import pwd
 import re
@@ -10,11 +15,13 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from . import config, policyfile
+from . import config, miltertalk, policyfile
 
 CONTENT_TIMEOUT_MARGIN = 5.0     # seconds Postfix should wait beyond scanmilter's slowest engine
+CONNECT_TIMEOUT = 10.0           # seconds the live check waits to connect and for the milter's answer
+TRANSPORTS = ("unix", "inet", "local")   # what Postfix's milter client accepts before the ':'
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 _TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -26,47 +33,62 @@ class Finding:
     fix: str
 
 
-def postconf(main_cf: str | None) -> dict[str, str]:
-    """Effective Postfix parameters: of the running system, or of a given main.cf file."""
-    binary = shutil.which("postconf") or "/usr/sbin/postconf"
-    if main_cf is None:
-        out = subprocess.run([binary], capture_output=True, text=True, timeout=30)
-    else:
-        with tempfile.TemporaryDirectory() as d:
-            shutil.copy(main_cf, os.path.join(d, "main.cf"))
-            master = os.path.join(os.path.dirname(os.path.abspath(main_cf)), "master.cf")
-            if os.path.exists(master):
-                shutil.copy(master, os.path.join(d, "master.cf"))
-            out = subprocess.run([binary, "-c", d], capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        raise config.ConfigError(f"postconf failed: {out.stderr.strip() or out.returncode}")
+@dataclass
+class Service:
+    """One master.cf entry, as `postconf -M` and `postconf -P` read it."""
+    name: str                    # e.g. smtp/inet
+    chroot: bool
+    command: str                 # smtpd, cleanup, ...
+    overrides: dict[str, str] = field(default_factory=dict)     # -o name=value, expanded
+
+
+def _parse_params(text: str) -> dict[str, str]:
     params = {}
-    for line in out.stdout.splitlines():
-        name, sep, value = line.partition(" = ")
+    for line in text.splitlines():
+        name, sep, value = line.partition(" =")      # "name =" when the value is empty
         if sep:
             params[name.strip()] = value.strip()
     return params
 
 
-def master_services(master_cf: str) -> list[list[str]]:
-    """master.cf entries as field lists (continuation lines joined)."""
-    try:
-        text = open(master_cf).read()
-    except OSError:
-        return []
-    entries, current = [], ""
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        if line[0].isspace() and current:
-            current += " " + line.strip()
+def read_postfix(main_cf: str | None) -> tuple[dict[str, str], dict[str, str], list[Service]]:
+    """Postfix's parameters, effective ($names expanded) and as written, and master.cf services:
+    of the running system, or of a given main.cf with the master.cf beside it."""
+    binary = shutil.which("postconf") or "/usr/sbin/postconf"
+
+    def postconf(*args):
+        out = subprocess.run([binary, *args], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise config.ConfigError(f"postconf failed: {out.stderr.strip() or out.returncode}")
+        return out.stdout
+
+    def read(*where):
+        params, written = _parse_params(postconf(*where, "-x")), _parse_params(postconf(*where))
+        services = {}
+        for line in postconf(*where, "-M").splitlines():
+            fields = line.split(None, 7)
+            if len(fields) == 8:
+                name = f"{fields[0]}/{fields[1]}"
+                services[name] = Service(name, fields[4] == "y", fields[7].split()[0])   # "-": n since Postfix 3.0
+        for key, value in _parse_params(postconf(*where, "-Px")).items():
+            service, _, param = key.rpartition("/")
+            if service in services:
+                services[service].overrides[param] = value
+        return params, written, list(services.values())
+
+    if main_cf is None:
+        return read()
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(main_cf, os.path.join(d, "main.cf"))
+        master = os.path.join(os.path.dirname(os.path.abspath(main_cf)), "master.cf")
+        if os.path.exists(master):
+            shutil.copy(master, os.path.join(d, "master.cf"))
         else:
-            if current:
-                entries.append(current.split())
-            current = line.strip()
-    if current:
-        entries.append(current.split())
-    return entries
+            open(os.path.join(d, "master.cf"), "w").close()
+        # postconf waits for a file written within the last second to settle; these copies will not change
+        for name in ("main.cf", "master.cf"):
+            os.utime(os.path.join(d, name), (0, 0))
+        return read("-c", d)
 
 
 def clamd_conf(path: str) -> dict[str, str]:
@@ -100,21 +122,178 @@ def _macros(value: str) -> set[str]:
     return {m.strip("{}") for m in value.replace(",", " ").split()}
 
 
-def postfix_address(milter_socket: str, chroot: str | None) -> set[str]:
-    """How Postfix may name scanmilter's socket."""
+# ---------------------------------------------------------------- milter lists
+
+def milter_entries(value: str) -> list[tuple[str, str]]:
+    """The entries of a Postfix milter list as (text, address): separated by space or comma; a
+    group "{ address, option = value ... }" names its address first."""
+    out = []
+    for m in re.finditer(r"\{([^}]*)\}?|[^\s,{}]+", value):
+        group = (m.group(1) or "").replace(",", " ").split()
+        out.append((m.group(0), group[0] if group else m.group(0)))
+    return out
+
+
+def _bad_transport(address: str) -> bool:
+    """Postfix refuses the whole milter list for this entry ("needs transport:endpoint")."""
+    transport, sep, endpoint = address.partition(":")
+    return not sep or not endpoint or transport not in TRANSPORTS
+
+
+def _normal(address: str) -> str:
+    """One spelling per endpoint: local: is unix:, paths without // or /./."""
+    transport, _, endpoint = address.partition(":")
+    if transport in ("unix", "local"):
+        return "unix:" + os.path.normpath(endpoint)
+    return address
+
+
+def postfix_name(milter_socket: str, chroot_dir: str | None) -> str | None:
+    """How a Postfix process, chrooted in chroot_dir or not, must name scanmilter's socket in its
+    milter list; None when a chrooted process cannot reach it."""
     kind, _, where = milter_socket.partition(":")
     if kind in ("unix", "local"):
-        names = {f"unix:{where}", where}
-        if chroot and where.startswith(chroot.rstrip("/") + "/"):
-            inside = where[len(chroot.rstrip("/")):]
-            names |= {f"unix:{inside}", inside}
-        return names
+        path = os.path.normpath(where)
+        if chroot_dir is None:
+            return f"unix:{path}"
+        root = os.path.normpath(chroot_dir)
+        return f"unix:{path[len(root):]}" if path.startswith(root + "/") else None
     port, _, host = where.partition("@")
-    return {f"inet:{host}:{port}"}
+    return f"inet:{'[' + host + ']' if kind == 'inet6' else host}:{port}"
 
 
-def check(params: dict[str, str], cfg, policy, clamd: dict[str, str], services: list[list[str]]) -> list[Finding]:
+def _ours(address: str, milter_socket: str, queue_dir: str) -> bool:
+    """Whether an entry means scanmilter's socket in any spelling: bare path, local:, or as seen
+    from inside or outside the chroot."""
+    transport, sep, endpoint = address.partition(":")
+    if not sep and address.startswith("/"):
+        transport, endpoint = "unix", address
+    names = {postfix_name(milter_socket, None), postfix_name(milter_socket, queue_dir)}
+    return _normal(f"{transport}:{endpoint}") in names
+
+
+@dataclass
+class _Use:
+    """Services that read one milter list value, with the same chroot."""
+    param: str                  # smtpd_milters | non_smtpd_milters
+    value: str
+    where: str                  # "main.cf", or the service whose -o sets it
+    chroot: bool
+    services: list[str]
+
+
+def _uses(params: dict[str, str], services: list[Service]) -> list[_Use]:
+    uses: dict[tuple, _Use] = {}
+    for param, command, default in (("smtpd_milters", "smtpd", "smtp/inet"),
+                                    ("non_smtpd_milters", "cleanup", "cleanup/unix")):
+        # a master.cf without the service (a fragment): Postfix's default entry, not chrooted
+        for s in [s for s in services if s.command == command] or [Service(default, False, command)]:
+            if param in s.overrides:
+                if not s.overrides[param].strip():
+                    continue            # this service runs no milter on purpose (e.g. quarantine releases)
+                value, where = s.overrides[param], s.name
+            else:
+                value, where = params.get(param, ""), "main.cf"
+            key = (param, where, value, s.chroot)
+            uses.setdefault(key, _Use(param, value, where, s.chroot, [])).services.append(s.name)
+    return list(uses.values())
+
+
+def _set(use: _Use, value: str) -> str:
+    if use.where == "main.cf":
+        return f"postconf -e '{use.param} = {value}'"
+    return f"postconf -P '{use.where}/{use.param}={value}'"
+
+
+def _fixed_list(use: _Use, wanted: str, cfg, queue_dir: str) -> str:
+    """The list with scanmilter's entry spelled as `wanted` and every path given its transport."""
+    out = []
+    for text, address in milter_entries(use.value):
+        if _ours(address, cfg.milter_socket, queue_dir):
+            text = text.replace(address, wanted, 1)
+        elif _bad_transport(address) and address.startswith("/"):
+            text = text.replace(address, "unix:" + address, 1)
+        if text not in out:
+            out.append(text)
+    if wanted not in [_normal(a) for t in out for _, a in milter_entries(t)]:
+        out.append(wanted)
+    return " ".join(out)
+
+
+def _check_milters(params: dict[str, str], written: dict[str, str], services: list[Service], cfg) -> list[Finding]:
+    """Every milter list Postfix uses names scanmilter's socket as that process sees it: smtpd
+    reads smtpd_milters, cleanup non_smtpd_milters, each inside its chroot or not."""
     out: list[Finding] = []
+    queue_dir = params.get("queue_directory", "/var/spool/postfix")
+    uses = _uses(params, services)
+    for use in uses:
+        if (use.param == "non_smtpd_milters" and use.where == "main.cf"
+                and re.fullmatch(r"\$(smtpd_milters|\{smtpd_milters\}|\(smtpd_milters\))",
+                                 written.get("non_smtpd_milters", "").strip())
+                and any(u.param == "smtpd_milters" and u.where == "main.cf" and u.chroot == use.chroot for u in uses)):
+            continue        # what is said of smtpd_milters, and its fix, covers it
+        daemons = ", ".join(use.services)
+        wanted = postfix_name(cfg.milter_socket, queue_dir if use.chroot else None)
+        entries = milter_entries(use.value)
+        if wanted is None:          # a chrooted process and a socket outside the chroot: move the socket
+            inside = "unix:/scanmilter/scanmilter.sock"
+            fix = (f'milter_socket = "unix:{queue_dir}/scanmilter/scanmilter.sock" in scanmilter\'s configuration, '
+                   f"then {_set(use, _fixed_list(use, inside, cfg, queue_dir))} (or chroot n for {daemons} in "
+                   "master.cf)")
+        else:
+            fix = _set(use, _fixed_list(use, wanted, cfg, queue_dir))
+        bad = [a for _, a in entries if _bad_transport(a)]
+        for address in bad:
+            out.append(Finding(
+                "error", f"{use.param} entry {address!r} ({use.where}) is not transport:endpoint (unix:, inet: or "
+                         "local:): Postfix refuses the whole list and answers '451 4.3.5 Server configuration "
+                         "problem' to every message", fix))
+        if wanted is None:
+            path = cfg.milter_socket.partition(":")[2]
+            daemon = "smtpd" if use.param == "smtpd_milters" else "cleanup"
+            out.append(Finding("error", f"{daemon} runs chrooted ({daemons} in master.cf) but milter_socket {path} "
+                                        f"is outside {queue_dir}: it cannot reach the socket", fix))
+            continue
+        if wanted in [_normal(a) for _, a in entries] or any(_ours(a, cfg.milter_socket, queue_dir) for a in bad):
+            continue        # right, or already reported with its fix
+        twins = [u for u in uses if (u.param, u.where, u.value) == (use.param, use.where, use.value)
+                 and u.chroot != use.chroot]
+        if twins:
+            chrooted, free = (use, twins[0]) if use.chroot else (twins[0], use)
+            text = (f"{use.param} ({use.where}) serves chrooted ({', '.join(chrooted.services)}) and unchrooted "
+                    f"({', '.join(free.services)}) services: one unix path cannot name the socket for both")
+            if text not in [f.text for f in out]:       # once for the pair
+                out.append(Finding("error", text, "the same chroot column for these services in master.cf, or "
+                                                  f"-o {use.param}=... for one of them"))
+            continue
+        if use.param == "non_smtpd_milters" and not entries:
+            same = wanted in [_normal(a) for _, a in milter_entries(params.get("smtpd_milters", ""))]
+            out.append(Finding("warning", "non_smtpd_milters is empty: mail submitted locally (sendmail, cron) "
+                                          "is not scanned", _set(use, "$smtpd_milters" if same else wanted)))
+            continue
+        seen_as = [a for _, a in entries if _ours(a, cfg.milter_socket, queue_dir)]
+        if seen_as:
+            one = len(use.services) == 1
+            view = (f"run{'s' * one} chrooted in {queue_dir}" if use.chroot
+                    else f"do{'es' * one} not run chrooted")
+            text = (f"{use.param} ({use.where}) names {seen_as[0]}, but {daemons} {view}: "
+                    f"{'it reaches' if one else 'they reach'} scanmilter's socket as {wanted}")
+        else:
+            text = f"{use.param} ({use.value or 'empty'}) does not name scanmilter's socket"
+        out.append(Finding("error", text, fix))
+    return out
+
+
+def kind_of(milter_socket: str) -> str:
+    """unix or inet, whatever libmilter's spelling."""
+    return "unix" if milter_socket.startswith(("unix:", "local:")) else "inet"
+
+
+# ---------------------------------------------------------------- the checks of the configuration
+
+def check(params: dict[str, str], written: dict[str, str], cfg, policy, clamd: dict[str, str],
+          services: list[Service], socket_checked_live: bool = False) -> list[Finding]:
+    out: list[Finding] = _check_milters(params, written, services, cfg)
 
     def error(text, fix):
         out.append(Finding("error", text, fix))
@@ -122,23 +301,6 @@ def check(params: dict[str, str], cfg, policy, clamd: dict[str, str], services: 
     def warning(text, fix):
         out.append(Finding("warning", text, fix))
 
-    queue_dir = params.get("queue_directory", "/var/spool/postfix")
-    smtpd = [s for s in services if len(s) >= 8 and s[7] == "smtpd" and s[1] == "inet"]
-    chrooted = [s[0] for s in smtpd if s[4] == "y"]
-    wanted = postfix_address(cfg.milter_socket, queue_dir if chrooted else None)
-    milters = params.get("smtpd_milters", "").replace(",", " ").split()
-    if not set(milters) & wanted:
-        error(f"smtpd_milters ({' '.join(milters) or 'empty'}) does not name scanmilter's socket",
-              f"postconf -e 'smtpd_milters = {sorted(wanted)[0]}'")
-    if chrooted and cfg.milter_socket.startswith(("unix:", "local:")):
-        path = cfg.milter_socket.partition(":")[2]
-        if not path.startswith(queue_dir.rstrip("/") + "/"):
-            error(f"smtpd runs chrooted ({', '.join(chrooted)} in master.cf) but milter_socket {path} is "
-                  f"outside {queue_dir}", f'milter_socket = "unix:{queue_dir}/scanmilter/scanmilter.sock" and '
-                  "smtpd_milters = unix:/scanmilter/scanmilter.sock (or chroot n for smtpd in master.cf)")
-    if not params.get("non_smtpd_milters", "").strip():
-        warning("non_smtpd_milters is empty: mail submitted locally (sendmail, cron) is not scanned",
-                "postconf -e 'non_smtpd_milters = $smtpd_milters'")
     action = params.get("milter_default_action", "tempfail")
     fail_open = all(policy.directions[d]["scan_failure_action"] == "accept" for d in policy.directions)
     if action == "accept" and not fail_open:
@@ -195,43 +357,202 @@ def check(params: dict[str, str], cfg, policy, clamd: dict[str, str], services: 
             error(f"clamd_size_limit ({cfg.clamd_size_limit}) is above clamd's StreamMaxLength ({stream_max}): "
                   "clamd refuses those messages and they are tempfailed again and again",
                   f"clamd_size_limit = {stream_max}, or raise StreamMaxLength in clamd.conf")
-    out += _socket_permissions(cfg)
+    if not socket_checked_live:
+        out += _socket_permissions(cfg, _postfix_user(params))
     return out
 
 
-def _socket_permissions(cfg) -> list[Finding]:
-    kind, _, path = cfg.milter_socket.partition(":")
-    if kind not in ("unix", "local"):
-        return []
+# ---------------------------------------------------------------- who may connect to the socket
+
+def _postfix_user(params: dict[str, str]) -> pwd.struct_passwd | None:
     try:
-        postfix = pwd.getpwnam("postfix")
+        return pwd.getpwnam(params.get("mail_owner") or "postfix")
     except KeyError:
+        return None
+
+
+def _allows(st: os.stat_result, user: pwd.struct_passwd, bits: int) -> bool:
+    """Whether the mode lets the user, with its primary group only, do `bits` (2: write, 1: search).
+    Postfix's processes drop every supplementary group (set_ugid: setgroups(1, &gid))."""
+    mode = stat.S_IMODE(st.st_mode)
+    if user.pw_uid == 0:
+        return True
+    if st.st_uid == user.pw_uid:
+        return (mode >> 6) & bits == bits
+    if st.st_gid == user.pw_gid:
+        return (mode >> 3) & bits == bits
+    return mode & bits == bits
+
+
+_FIX_MODE = 'milter_socket_mode = "0660" with scanmilter running in group postfix (systemd: Group=postfix)'
+
+
+def _blocked_by(path: str, user: pwd.struct_passwd) -> str:
+    """Why the modes keep `user` from connecting to the unix socket at `path` ("" if they do not,
+    or cannot be read)."""
+    parent = os.path.dirname(path)
+    while True:
+        try:
+            st = os.stat(parent)
+        except OSError:
+            st = None
+        if st and not _allows(st, user, 1):
+            return f"the directory {parent} (mode {stat.S_IMODE(st.st_mode):04o}) is closed to it"
+        if parent == "/":
+            break
+        parent = os.path.dirname(parent)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    if not _allows(st, user, 2):
+        return f"the socket's mode {stat.S_IMODE(st.st_mode):04o} (owner {_owner(st)}) does not let it write"
+    return ""
+
+
+def _owner(st: os.stat_result) -> str:
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{user}:{group}"
+
+
+def _socket_permissions(cfg, user: pwd.struct_passwd | None) -> list[Finding]:
+    """Judged from modes: of the socket when it exists, else of milter_socket_mode (the unit runs
+    scanmilter in group postfix)."""
+    kind, _, path = cfg.milter_socket.partition(":")
+    if kind not in ("unix", "local") or user is None:
         return []
-    mode = int(cfg.milter_socket_mode, 8)
-    target = path if os.path.exists(path) else None
-    if target:
-        st = os.stat(target)
-        mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
-    else:
-        uid, gid = -1, -1          # not created yet: judge by the mode scanmilter will give it
-    writable = (uid == postfix.pw_uid and mode & 0o200) or (gid == postfix.pw_gid and mode & 0o020) \
-        or mode & 0o002 or (not target and mode & 0o020)
-    if not writable:
-        return [Finding("error", f"Postfix (user postfix) cannot write to the milter socket {path} "
-                                 f"(mode {mode:04o})",
-                        'milter_socket_mode = "0660" with scanmilter running in group postfix (systemd: Group=postfix)')]
+    path = os.path.normpath(path)
+    why = _blocked_by(path, user)
+    if not why and not os.path.exists(path):
+        mode = int(cfg.milter_socket_mode, 8)
+        why = "" if mode & 0o022 else f"milter_socket_mode {mode:04o} gives its group no write permission"
+    if why:
+        return [Finding("error", f"Postfix (user {user.pw_name}) cannot write to the milter socket {path}: {why}",
+                        _FIX_MODE)]
     return []
 
 
-def run(config_path: str | None, main_cf: str | None, clamd_path: str, out=print) -> int:
+# ---------------------------------------------------------------- the live checks
+
+def _probe(address: str, timeout: float) -> tuple[str, str, int]:
+    """Connect and negotiate: ("ok", "", 0), ("connect", reason, errno) or ("protocol", reason, 0)."""
+    try:
+        sock = miltertalk.connect(address, timeout)
+    except OSError as e:
+        return "connect", e.strerror or str(e), e.errno or 0
+    try:
+        miltertalk.negotiate_on(sock)
+    except (OSError, miltertalk.MilterError) as e:
+        return "protocol", str(e) or type(e).__name__, 0
+    return "ok", "", 0
+
+
+def _probe_as(user: pwd.struct_passwd, address: str, timeout: float) -> tuple[str, str, int]:
+    """_probe in a child process with the user's uid and primary group, and no other group: the
+    identity Postfix's smtpd and cleanup run with."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                  # the child: never returns into the caller
+        status = 1
+        try:
+            os.close(r)
+            os.setgroups([user.pw_gid])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            os.write(w, json.dumps(_probe(address, timeout)).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    if not data:
+        return "protocol", f"the check as user {user.pw_name} could not run", 0
+    kind, text, number = json.loads(data)
+    return kind, text, number
+
+
+def live_checks(cfg, params: dict[str, str], timeout: float) -> tuple[list[Finding], str]:
+    """What the running daemon looks like to Postfix: (findings, a line saying what passed)."""
+    address = cfg.milter_socket
+    kind, _, path = address.partition(":")
+    start_fix = "systemctl start scanmilter (journalctl -u scanmilter says why it stopped)"
+    user = _postfix_user(params)
+    out: list[Finding] = []
+    as_postfix = False
+    if kind in ("unix", "local"):
+        path = os.path.normpath(path)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return [Finding("error", f"scanmilter's socket {path} does not exist: scanmilter is not running, or "
+                                     "runs with another milter_socket", start_fix)], ""
+        except OSError as e:
+            return [Finding("error", f"cannot look at scanmilter's socket {path}: {e.strerror}",
+                            "run postfix-check as root")], ""
+        if not stat.S_ISSOCK(st.st_mode):
+            return [Finding("error", f"{path} is not a socket", f"remove it; {start_fix}")], ""
+        if user and os.geteuid() == 0:
+            as_postfix = True
+            result = _probe_as(user, address, timeout)
+        else:
+            if user:
+                why = _blocked_by(path, user)
+                if why:
+                    out.append(Finding("error", f"Postfix (user {user.pw_name}) cannot connect to the milter "
+                                                f"socket {path}: {why}", _FIX_MODE))
+                out.append(Finding("warning", f"not run as root: whether user {user.pw_name} may connect was judged "
+                                              "from modes only", "run postfix-check as root to connect as Postfix"))
+            result = _probe(address, timeout)
+    else:
+        result = _probe(address, timeout)
+    as_whom = f"as user {user.pw_name}" if as_postfix else "as this user"
+    outcome, reason, number = result
+    if outcome == "connect" and number in (errno.ECONNREFUSED, errno.ENOENT):
+        out.append(Finding("error", f"nobody accepts connections at {address}: scanmilter is not running (a "
+                                    "socket file can outlive the daemon)", start_fix))
+    elif outcome == "connect" and number in (errno.EACCES, errno.EPERM) and as_postfix:
+        out.append(Finding("error", f"Postfix (user {user.pw_name}) cannot connect to the milter socket {path}: "
+                                    f"{reason} (mode {stat.S_IMODE(st.st_mode):04o}, owner {_owner(st)})",
+                           _FIX_MODE))
+    elif outcome == "connect" and number in (errno.EACCES, errno.EPERM):
+        out.append(Finding("warning", f"cannot connect to {address} {as_whom}: {reason}; whether a milter answers "
+                                      "there was not checked", "run postfix-check as root"))
+    elif outcome == "connect":
+        out.append(Finding("error", f"cannot connect to {address} {as_whom}: {reason}", start_fix))
+    elif outcome == "protocol":
+        out.append(Finding("error", f"something accepts connections at {address}, but no milter answered the "
+                                    f"negotiation: {reason}",
+                           "milter_socket must be scanmilter's own socket: stop what else listens there, then "
+                           + start_fix))
+    return out, (f"a milter answered at {address} ({as_whom})" if outcome == "ok" else "")
+
+
+def run(config_path: str | None, main_cf: str | None, clamd_path: str, out=print, connect: bool = True,
+        timeout: float = CONNECT_TIMEOUT) -> int:
     cfg = config.load(config_path)
     policy = policyfile.load(cfg.policy_file, quarantine_available=bool(cfg.quarantine_directory))
-    params = postconf(main_cf)
-    master = os.path.join(os.path.dirname(os.path.abspath(main_cf)) if main_cf else
-                          params.get("config_directory", "/etc/postfix"), "master.cf")
-    findings = check(params, cfg, policy, clamd_conf(clamd_path), master_services(master))
+    params, written, services = read_postfix(main_cf)
+    # a socket that is not there yet is judged by milter_socket_mode, one that is by connecting
+    live_socket = connect and kind_of(cfg.milter_socket) == "unix" and os.path.exists(
+        cfg.milter_socket.partition(":")[2])
+    findings = check(params, written, cfg, policy, clamd_conf(clamd_path), services, socket_checked_live=live_socket)
+    passed = ""
+    if connect:
+        live, passed = live_checks(cfg, params, timeout)
+        findings += live
     for f in findings:
         out(f"{f.level}: {f.text}\n  fix: {f.fix}")
+    if passed:
+        out(f"live: {passed}")
     errors = sum(f.level == "error" for f in findings)
     out(f"{errors} error(s), {len(findings) - errors} warning(s)" if findings else "OK: no mismatches found")
     return 1 if errors else 0

@@ -46,13 +46,33 @@ def moment(text: str) -> float:
         raise UsageError(f"{text!r} is not a date such as 2026-11-25 or 2026-11-25T14:00") from None
 
 
+def config_path(given: str | None) -> str | None:
+    """-c, else $SCANMILTER_CONFIG, else the installed file; None (all defaults) only when there is
+    no installed file. A file this user may not see counts as there, so that loading it says
+    "Permission denied" instead of going on with the defaults (/etc/scanmilter is closed to others)."""
+    if given or os.environ.get("SCANMILTER_CONFIG"):
+        return given or os.environ["SCANMILTER_CONFIG"]
+    try:
+        os.stat(DEFAULT_CONFIG)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass
+    return DEFAULT_CONFIG
+
+
 def _open(args) -> tuple[quarantine.Store, config.Values]:
-    path = args.config or os.environ.get("SCANMILTER_CONFIG") or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG)
-                                                                  else None)
-    cfg = config.load(path)
+    cfg = config.load(config_path(args.config))
     if not cfg.quarantine_directory:
         raise config.ConfigError(f"{cfg.source}: quarantine_directory is not set; there is no quarantine")
-    return quarantine.Store(cfg.quarantine_directory), cfg
+    directory = os.path.abspath(cfg.quarantine_directory)
+    parent = os.path.dirname(directory)
+    if (os.path.isdir(directory) and not os.access(directory, os.R_OK | os.X_OK)) \
+            or (os.path.isdir(parent) and not os.access(parent, os.X_OK)):
+        # said here: the store would report a failure to create what this user cannot see
+        raise config.ConfigError(f"{directory}: cannot open the quarantine: Permission denied (run this as root "
+                                 "or as the daemon's user)")
+    return quarantine.Store(directory), cfg
 
 
 def _ago(t: float) -> str:
@@ -126,7 +146,9 @@ def cmd_show(store, cfg, args) -> int:
     entry = store.get(args.id)
     data = store.message(args.id)
     if args.raw:
-        sys.stdout.buffer.write(data)
+        view = memoryview(data)
+        while view:         # a write cut short (the reader left mid-way) ends in BrokenPipeError on the rest
+            view = view[sys.stdout.buffer.write(view):]
         return EXIT_OK
     if args.json:
         print(json.dumps(entry.meta, sort_keys=True, indent=1))
@@ -141,7 +163,7 @@ def cmd_show(store, cfg, args) -> int:
                                       f"({_ago(m['time'])})"),
             ("queue id", m.get("queue_id") or "-"), ("from", f"<{m.get('sender', '')}>"),
             ("to", ", ".join(f"<{r}>" for r in m.get("recipients", []))),
-            ("client", f"{m.get('client_name') or 'unknown'} [{m.get('client_address') or '?'}]"
+            ("client", client(m.get("client_name", ""), m.get("client_address", ""))
                        + (f", SASL user {m['auth_user']}" if m.get("auth_user") else "")),
             ("direction", m.get("direction", "")), ("reason", m.get("reason", "")), ("why", m.get("rule", "")),
             ("spam score", "-" if m.get("score") is None else f"{m['score']:.1f}"),
@@ -162,6 +184,14 @@ def cmd_show(store, cfg, args) -> int:
     for line in _safe_lines(_body_text(data), PREVIEW_LINES):
         print(line)
     return EXIT_OK
+
+
+def client(name: str, address: str) -> str:
+    """The client as Postfix logs it: name[address], unknown[address] when it has no verified name
+    (its milter client then sends "[address]" as the name)."""
+    if not name or name == "unknown" or name.startswith("["):
+        name = "unknown"
+    return f"{name}[{address or '?'}]"
 
 
 def _body_text(data: bytes) -> str:

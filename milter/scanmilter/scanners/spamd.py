@@ -46,7 +46,10 @@ def received_line(origin: Origin) -> bytes:
     except ValueError:
         return b""
     address = f"IPv6:{ip.compressed}" if ip.version == 6 else str(ip)
-    name = _token(origin.client_name)
+    # Postfix hands a milter "[ADDR]" (or nothing) for a client without a verified name; its own
+    # Received line says "unknown", which is what SpamAssassin's RDNS_NONE looks for
+    unnamed = not origin.client_name or origin.client_name.startswith("[") or origin.client_name == "unknown"
+    name = "unknown" if unnamed else _token(origin.client_name)
     helo = _token(origin.helo, name)
     protocol = "ESMTP" + ("S" if origin.tls else "") + ("A" if origin.auth_user else "")
     auth = f"\r\n\t(Authenticated sender: {_token(origin.auth_user)})" if origin.auth_user else ""
