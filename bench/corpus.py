@@ -10,7 +10,7 @@
     virus   3%   EICAR as a base64 attachment, half of them inside a zip made in memory
     large  0.5%  (at least 2) 1-2 MB: a text part and a base64 attachment of random bytes
 
-EICAR comes from scanmilter.selftest.eicar() and exists only in memory. The text is a bigram
+EICAR comes from scanmilter.commands.selftest.eicar() and exists only in memory. The text is a bigram
 chain over SEED_TEXT below, so spamd sees ordinary English rather than random words. Everything
 but the Date headers (minutes before now) is the same on every run.
 """
@@ -28,7 +28,8 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "milter"))
-from scanmilter.selftest import GTUBE, eicar  # noqa: E402
+from scanmilter.commands.selftest import eicar  # noqa: E402
+from scanmilter.scanners.spamd import GTUBE  # noqa: E402
 
 SEED_TEXT = """\
 Thanks for the quick reply yesterday. I went through the numbers again this morning and I think we are

@@ -3,6 +3,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "milter"))
 sys.path.insert(0, str(ROOT / "tools"))
@@ -23,3 +25,31 @@ def pytest_sessionfinish(session, exitstatus):
     if exitstatus == 0:
         for path in _SCRATCH:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def new_stack(name: str, **settings):
+    """A tools/stack.py Stack, not started, in a scratch directory of its own with Postfix on a
+    free port; `settings` are Stack's keyword arguments. Start it with `with new_stack(...) as stack:`."""
+    import stack as stacklib     # imported here: the unit tests do without the stack
+    return stacklib.Stack(scratch(f"scanmilter-{name}-"), smtp_port=stacklib.free_port(), **settings)
+
+
+@pytest.fixture(scope="module")
+def stack_with(request):
+    """stack_with(**settings): a started Stack (see new_stack) for the test module; every stack it
+    started is stopped when the module's tests are done. A module's own `stack` fixture is
+
+        @pytest.fixture(scope="module")
+        def stack(stack_with):
+            return stack_with(policy_text=POLICY)
+    """
+    started = []
+
+    def start(**settings):
+        s = new_stack(request.module.__name__.replace("_", "-"), **settings)
+        started.append(s)
+        s.start()
+        return s
+    yield start
+    for s in started:
+        s.stop()

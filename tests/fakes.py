@@ -1,7 +1,16 @@
-"""Fault injection: servers that stand where clamd or spamd should be and misbehave."""
+"""Stand-ins: servers that stand where clamd or spamd should be and misbehave (fault injection);
+libmilter's side of a session and engines with canned results, to drive the handler directly."""
+import dataclasses
 import os
 import socket
 import threading
+
+import Milter
+
+from scanmilter import config, policyfile
+from scanmilter.handler import Handler, Runtime
+from scanmilter.pipeline import Pipeline, scan_pool
+from scanmilter.scanners import ScanResult
 
 
 class Server:
@@ -79,3 +88,71 @@ def _garbage(server, conn):
 def BadServer(mode: str, unix_path=None, port=None) -> Server:
     """A server that misbehaves: mode "hang" or "garbage"."""
     return Server({"hang": _hang, "garbage": _garbage}[mode], unix_path=unix_path, port=port)
+
+
+# ---------------------------------------------------------------- the handler without libmilter
+class Ctx:
+    """Records what the handler asks of libmilter."""
+
+    def __init__(self, macros):
+        self.macros, self.calls, self.reply = macros, [], None
+
+    def setpriv(self, priv):
+        self.priv = priv
+
+    def getsymval(self, name):
+        return self.macros.get(name)
+
+    def addheader(self, name, value, idx):
+        self.calls.append(("add", name, value))
+
+    def chgheader(self, name, idx, value):
+        self.calls.append(("chg", name, idx, value))
+
+    def setreply(self, *args):
+        self.reply = args
+
+    def delrcpt(self, rcpt):
+        self.calls.append(("delrcpt", rcpt))
+
+
+class Engine:
+    def __init__(self, name, result=None, exc=None):
+        self.name, self.timeout, self.result, self.exc, self.seen = name, 1.0, result, exc, []
+
+    def scan(self, spool):
+        self.seen.append(spool.getvalue())
+        if self.exc:
+            raise self.exc
+        return self.result
+
+
+POOL = scan_pool(4)
+
+
+def handler(*engines, daemon=None, **inbound):
+    """A handler with canned engines; `daemon` changes daemon settings, `inbound` settings of
+    the default [inbound]."""
+    cfg = config.parse(config.DAEMON_SETTINGS, daemon or {}, "test")
+    pol = policyfile.load("")
+    pol = dataclasses.replace(pol, directions={**pol.directions, "inbound": {**pol.directions["inbound"], **inbound}})
+    h = Handler(Runtime(cfg, pol, Pipeline(list(engines), POOL)))
+    h._setctx(Ctx({"i": "4XQID1", "{daemon_name}": "smtpd"}))
+    h._protocol, h._actions = 0, Milter.ADDHDRS | Milter.CHGHDRS
+    return h
+
+
+def feed(h, headers, body=b"hello\r\n", sender="<a@example.org>", rcpts=("<u@example.com>",)):
+    assert h.connect("client.example", 2, ("192.0.2.1", 25)) == Milter.CONTINUE
+    h.envfrom(sender)
+    for r in rcpts:
+        h.envrcpt(r)
+    for name, value in headers:
+        h.header_bytes(name, value)
+    h.eoh()
+    h.body(body)
+    return h.eom()
+
+
+HAM = ScanResult("spamd", "clean", score=0.1, required=5.0, rules=("NO_RELAYS",))
+CLEAN = ScanResult("clamd", "clean")

@@ -10,7 +10,7 @@ import pytest
 
 import stack as stacklib
 from conftest import ROOT
-from scanmilter import miltertalk as MT
+from scanmilter.commands import miltertalk as MT
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
 """`make demo` (tools/demo.py): four messages through the real stack, one of them held in the demo's
-quarantine; the review commands it prints work as printed; the README shows its real output."""
+quarantine; the review commands it prints work as printed; docs/demo.md shows its real output."""
 import os
 import re
 import shlex
@@ -73,9 +73,9 @@ def test_the_printed_review_commands_work_as_printed(demo):
     assert len(released) == 1 and released[0].recipients == ["bob@example.com"]
 
 
-def test_the_readme_shows_the_demos_real_output(demo):
+def test_the_docs_show_the_demos_real_output(demo):
     r, root, smtp_port, metrics_port = demo
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "demo.md").read_text()
     block = readme.split("## What `make demo` shows\n\n```\n", 1)[1].split("```", 1)[0]
     shown = [line for line in block.splitlines() if line not in ("$ make demo", "...")]
     out = r.stdout.replace(f"{root}/", ".demo/").replace(str(root), ".demo")

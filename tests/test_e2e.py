@@ -3,91 +3,26 @@
 The stack (tools/stack.py) is started once for the module; each test sends mail through
 Postfix with smtplib and looks at the SMTP answer and at what reached the sink.
 """
-import email.policy
-import email.utils
 import os
 import re
 import time
 import uuid
-from email.message import EmailMessage
 
 import pytest
 
+import procs
 import stack as stacklib
-from conftest import scratch
+from support import (GTUBE, OUTSIDE, body_of, delivered_with, header_lines, make, not_delivered, peak_rss_kib,
+                     raw_message, send, spamd_result, spamd_saw, summary_line, summary_lines)
 
 pytestmark = pytest.mark.integration
 
-OUTSIDE = "203.0.113.7"          # XCLIENT makes the client look like this host
-GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
-
 
 @pytest.fixture(scope="module")
-def stack():
-    root = scratch("scanmilter-e2e-")
+def stack(stack_with):
     # a long clamd head start: on a busy machine clamd may need more than the default 0.1 s, and
     # whether EICAR reaches spamd must not depend on that here
-    s = stacklib.Stack(root, smtp_port=stacklib.free_port(),
-                       scanmilter_settings={"log_level": "debug", "clamd_head_start": 10.0})
-    s.start()
-    yield s
-    s.stop()
-
-
-def make(subject, body="Hello,\nthis is an ordinary message.\n", attachment=None, extra=(), msgid=None):
-    m = EmailMessage()
-    m["From"] = "Alice <alice@outside.test>"
-    m["To"] = "bob@example.com"
-    m["Subject"] = subject
-    m["Message-ID"] = msgid or email.utils.make_msgid(domain="outside.test")
-    m["Date"] = email.utils.formatdate()
-    for name, value in extra:
-        m[name] = value
-    m.set_content(body)
-    if attachment:
-        m.add_attachment(attachment, maintype="application", subtype="octet-stream", filename="file.com")
-    return m.as_bytes(policy=email.policy.SMTP)     # CRLF line ends, as on the wire
-
-
-def body_of(data: bytes) -> bytes:
-    """The body as the sink stores it (LF line ends)."""
-    return data.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1]
-
-
-def send(stack, data, rcpt="bob@example.com", outside=True):
-    return stack.send(data, "alice@outside.test", [rcpt], xclient_addr=OUTSIDE if outside else None)
-
-
-def delivered_with(stack, marker, timeout=30):
-    """The one delivered message containing `marker`, waiting for it; counted once Postfix has
-    nothing left to deliver, so that a second copy still on its way is caught too."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(marker.encode() in d.data for d in stack.delivered()):
-            stack.wait_drained()
-            found = [d for d in stack.delivered() if marker.encode() in d.data]
-            assert len(found) == 1, f"{marker} delivered {len(found)} times"
-            return found[0]
-        time.sleep(0.1)
-    raise AssertionError(f"{marker} not delivered; postfix log:\n{stack.postfix_log()[-3000:]}")
-
-
-def not_delivered(stack, marker):
-    """True when no copy of `marker` reached the sink once Postfix has nothing left to deliver."""
-    stack.wait_drained()
-    return not [d for d in stack.delivered() if marker.encode() in d.data]
-
-
-def header_lines(data: bytes, name: str):
-    head = data.split(b"\n\n", 1)[0].decode("utf-8", "replace")
-    return re.findall(rf"(?im)^{re.escape(name)}:[^\n]*(?:\n[ \t][^\n]*)*", head)
-
-
-def summary_lines(stack, marker):
-    """(queue id, scanmilter's lines starting with it) of the message whose Message-ID is
-    <marker@outside.test>."""
-    qid = re.search(rf"cleanup\[\d+\]: ([0-9A-Za-z]+): message-id=<{marker}@", stack.postfix_log()).group(1)
-    return qid, [line for line in stack.logs["scanmilter"].read_text().splitlines() if line.startswith(qid + ":")]
+    return stack_with(scanmilter_settings={"log_level": "debug", "clamd_head_start": 10.0})
 
 
 def test_clean_mail_is_delivered_with_our_headers(stack):
@@ -193,50 +128,36 @@ def test_large_message_spills_to_disk_and_arrives_intact(stack):
     assert header_lines(d.data, "X-Spam-Status")[0].startswith("X-Spam-Status: No, score=")
 
 
-def _peak_rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1))
-
-
 def test_50_mb_message_does_not_grow_memory(stack):
-    pid = stack._pids("scanmilter")[0][0]
+    pid = stack.pids("scanmilter")[0][0]
     marker = uuid.uuid4().hex
     # warm up: one ordinary message so that lazily built parts exist before measuring
     assert send(stack, make(f"warm {marker}"))["code"] == 250
-    before = _peak_rss_kib(pid)
+    before = peak_rss_kib(pid)
     line = ("%s 0123456789abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ\n" % marker)
     body = line * (50_000_000 // len(line))
     r = send(stack, make(f"huge {marker}", body=body))
     assert r["code"] == 250, r
-    growth_mib = (_peak_rss_kib(pid) - before) / 1024
+    growth_mib = (peak_rss_kib(pid) - before) / 1024
     print(f"peak RSS growth for a 50 MB message: {growth_mib:.1f} MiB")
     assert growth_mib < 8
 
 
 def test_scanmilter_stops_cleanly_on_sigterm(stack):
     import signal
-    [(pid, _)] = stack._pids("scanmilter")
+    [(pid, _)] = stack.pids("scanmilter")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
-    while stacklib._alive(pid) and time.monotonic() < deadline:
+    while procs.alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     try:
-        assert not stacklib._alive(pid)
-        assert stack._procs["scanmilter"].wait(timeout=5) == 0
+        assert not procs.alive(pid)
+        assert stack.process("scanmilter").wait(timeout=5) == 0
         assert "stopped" in stack.logs["scanmilter"].read_text()
     finally:
         stack.start_service("scanmilter")
     marker = uuid.uuid4().hex
     assert send(stack, make(f"after restart {marker}"))["code"] == 250
-
-
-def spamd_saw(stack, msgid_marker):
-    return f"mid=<{msgid_marker}@outside.test>" in stack.logs["spamd"].read_text(errors="replace")
-
-
-def summary_line(stack, marker):
-    [line] = summary_lines(stack, marker)[1]
-    return line
 
 
 def test_copies_of_a_bulk_mailing_are_scanned_once(stack):
@@ -272,12 +193,6 @@ def test_a_rejected_virus_is_never_sent_to_spamd(stack):
     assert not spamd_saw(stack, marker)
 
 
-def raw_message(headers, body: bytes) -> bytes:
-    """A message exactly as given, CRLF line ends: no library rewrites its MIME structure."""
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers)
-    return head.encode() + b"\r\n" + body
-
-
 def test_a_cached_verdict_never_covers_a_message_decoded_differently(stack):
     """Cache poisoning: EICAR in base64 declared text/plain is clean and cached; the same client,
     From, Subject and body declared as a base64 .exe attachment must be scanned, not cached."""
@@ -297,17 +212,6 @@ def test_a_cached_verdict_never_covers_a_message_decoded_differently(stack):
     assert r["code"] == 550 and "Eicar-Test-Signature" in r["reply"], r
     stack.wait_drained()
     assert len([d for d in stack.delivered() if marker.encode() in d.data]) == 1
-
-
-def spamd_result(stack, msgid_marker):
-    """spamd's own log line for a message: its score and the rules that hit."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for line in stack.logs["spamd"].read_text(errors="replace").splitlines():
-            if "result:" in line and f"mid=<{msgid_marker}@outside.test>" in line:
-                return line
-        time.sleep(0.1)
-    raise AssertionError(f"no spamd result for {msgid_marker}")
 
 
 def test_spamd_sees_the_client_through_a_received_line_of_our_own(stack):

@@ -10,10 +10,8 @@ import uuid
 
 import pytest
 
-import stack as stacklib
-from conftest import scratch
 from fakes import BadServer
-from test_e2e import OUTSIDE, delivered_with, make, not_delivered
+from support import delivered_with, make, not_delivered, send as send_data
 
 pytestmark = pytest.mark.integration
 
@@ -21,24 +19,19 @@ ENGINE_TIMEOUT = 2.0
 
 
 @pytest.fixture(scope="module")
-def stack():
-    root = scratch("scanmilter-e2e-faults-")
-    s = stacklib.Stack(root, smtp_port=stacklib.free_port(),
-                       scanmilter_settings={"clamd_timeout": ENGINE_TIMEOUT, "spamd_timeout": ENGINE_TIMEOUT,
-                                            "engine_failure_threshold": 1000, "engine_check_interval": 60.0})
-    s.start()
-    yield s
-    s.stop()
+def stack(stack_with):
+    return stack_with(scanmilter_settings={"clamd_timeout": ENGINE_TIMEOUT, "spamd_timeout": ENGINE_TIMEOUT,
+                                           "engine_failure_threshold": 1000, "engine_check_interval": 60.0})
 
 
 def threads(stack):
-    pid = stack._pids("scanmilter")[0][0]
+    pid = stack.pids("scanmilter")[0][0]
     with open(f"/proc/{pid}/status") as f:
         return int(re.search(r"Threads:\s+(\d+)", f.read()).group(1))
 
 
 def send(stack, marker):
-    return stack.send(make(f"fault {marker}"), "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)
+    return send_data(stack, make(f"fault {marker}"))
 
 
 def fault(stack, engine, mode):
@@ -91,7 +84,7 @@ def test_sigkill_with_messages_in_flight_loses_nothing_and_duplicates_nothing(st
             while len(bad.conns) < len(markers) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert len(bad.conns) >= len(markers), len(bad.conns)
-            [(pid, _)] = stack._pids("scanmilter")
+            [(pid, _)] = stack.pids("scanmilter")
             os.kill(pid, signal.SIGKILL)
             first = {m: f.result(timeout=60) for m, f in futures.items()}
     finally:

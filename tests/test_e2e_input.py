@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import stack as stacklib
-from conftest import scratch
-from test_e2e import GTUBE, OUTSIDE
+from support import GTUBE, OUTSIDE
 
 pytestmark = pytest.mark.integration
 
@@ -20,12 +18,8 @@ PROPER = {250, 550, 552}      # delivered, rejected; never a tempfail caused by 
 
 
 @pytest.fixture(scope="module")
-def stack():
-    root = scratch("scanmilter-e2e-input-")
-    s = stacklib.Stack(root, smtp_port=stacklib.free_port())
-    s.start()
-    yield s
-    s.stop()
+def stack(stack_with):
+    return stack_with()
 
 
 def wire(data: bytes) -> bytes:

@@ -7,14 +7,11 @@ import os
 import random
 import re
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import stack as stacklib
-from conftest import scratch
-from test_e2e import GTUBE, OUTSIDE, make
+from support import GTUBE, OUTSIDE, make, peak_rss_kib, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -44,46 +41,34 @@ def corpus(n: int) -> list[tuple[str, bytes, str]]:
     return out
 
 
-def metrics(stack) -> dict:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def test_concurrent_mixed_load_accounts_for_every_message():
-    root = scratch("scanmilter-e2e-load-")
-    stack = stacklib.Stack(root, smtp_port=stacklib.free_port(), spamd_children=3)
-    stack.start()
-    try:
-        messages = corpus(MESSAGES)
-        start = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(SESSIONS) as pool:
-            results = list(pool.map(lambda m: stack.send(m[1], "alice@outside.test", ["bob@example.com"],
-                                                         xclient_addr=OUTSIDE), messages))
-        seconds = time.monotonic() - start
-        codes = [r["code"] for r in results]
-        assert not [r for r in results if r["code"] not in (250, 550)], "unexpected replies"
-        accepted = {m[0] for m, r in zip(messages, results) if r["code"] == 250}
-        rejected = {m[0] for m, r in zip(messages, results) if r["code"] == 550}
-        assert {m[0] for m in messages if m[2] in ("spam", "virus")} == rejected
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            delivered = [re.search(rb"(?im)^Message-ID: <([^>]+)>", d.data).group(1).decode()
-                         for d in stack.delivered()]
-            if len(delivered) >= len(accepted):
-                break
-            time.sleep(0.5)
-        assert sorted(delivered) == sorted(accepted)              # each accepted message exactly once
-        assert len(accepted) + len(rejected) == len(messages)
-        m = metrics(stack)
-        assert m[("scanmilter_messages_total", (("action", "accept"), ("direction", "inbound")))] == len(accepted)
-        assert m[("scanmilter_messages_total", (("action", "reject"), ("direction", "inbound")))] == len(rejected)
-        pid = stack._pids("scanmilter")[0][0]
-        with open(f"/proc/{pid}/status") as f:
-            peak = int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
-        print(f"\nload: {len(messages)} messages, {SESSIONS} sessions, {seconds:.1f} s "
-              f"({len(messages) / seconds:.1f} msgs/s); {len(accepted)} delivered, {len(rejected)} rejected; "
-              f"scanmilter peak RSS {peak:.1f} MiB; codes {sorted(set(codes))}")
-        assert peak < PEAK_RSS_LIMIT_MIB
-    finally:
-        stack.stop()
+def test_concurrent_mixed_load_accounts_for_every_message(stack_with):
+    stack = stack_with(spamd_children=3)
+    messages = corpus(MESSAGES)
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(SESSIONS) as pool:
+        results = list(pool.map(lambda m: stack.send(m[1], "alice@outside.test", ["bob@example.com"],
+                                                     xclient_addr=OUTSIDE), messages))
+    seconds = time.monotonic() - start
+    codes = [r["code"] for r in results]
+    assert not [r for r in results if r["code"] not in (250, 550)], "unexpected replies"
+    accepted = {m[0] for m, r in zip(messages, results) if r["code"] == 250}
+    rejected = {m[0] for m, r in zip(messages, results) if r["code"] == 550}
+    assert {m[0] for m in messages if m[2] in ("spam", "virus")} == rejected
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        delivered = [re.search(rb"(?im)^Message-ID: <([^>]+)>", d.data).group(1).decode()
+                     for d in stack.delivered()]
+        if len(delivered) >= len(accepted):
+            break
+        time.sleep(0.5)
+    assert sorted(delivered) == sorted(accepted)              # each accepted message exactly once
+    assert len(accepted) + len(rejected) == len(messages)
+    m = scrape(stack)
+    assert m[("scanmilter_messages_total", (("action", "accept"), ("direction", "inbound")))] == len(accepted)
+    assert m[("scanmilter_messages_total", (("action", "reject"), ("direction", "inbound")))] == len(rejected)
+    pid = stack.pids("scanmilter")[0][0]
+    peak = peak_rss_kib(pid) / 1024
+    print(f"\nload: {len(messages)} messages, {SESSIONS} sessions, {seconds:.1f} s "
+          f"({len(messages) / seconds:.1f} msgs/s); {len(accepted)} delivered, {len(rejected)} rejected; "
+          f"scanmilter peak RSS {peak:.1f} MiB; codes {sorted(set(codes))}")
+    assert peak < PEAK_RSS_LIMIT_MIB

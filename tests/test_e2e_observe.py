@@ -4,57 +4,22 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import stack as stacklib
-from conftest import ROOT, scratch
-from test_e2e import GTUBE, OUTSIDE, delivered_with, make
+from conftest import ROOT, new_stack
+from support import GTUBE, OUTSIDE, delivered_with, get, make, scanmilter, scrape, send, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def stack():
-    root = scratch("scanmilter-e2e-obs-")
-    s = stacklib.Stack(root, smtp_port=stacklib.free_port(),
-                       scanmilter_settings={"engine_check_interval": 0.5, "engine_failure_threshold": 3,
-                                            "engine_retry_interval": 1.0,
-                                            "clamd_head_start": 10.0})     # see test_e2e.stack
-    s.start()
-    yield s
-    s.stop()
-
-
-def scrape(stack) -> dict:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=10).read().decode()
-    values = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            values[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return values
-
-
-def get(values, name, **labels):
-    return values.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def wait_for(predicate, timeout=10):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def send(stack, data):
-    return stack.send(data, "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)
+def stack(stack_with):
+    return stack_with(scanmilter_settings={"engine_check_interval": 0.5, "engine_failure_threshold": 3,
+                                           "engine_retry_interval": 1.0,
+                                           "clamd_head_start": 10.0})     # see test_e2e.stack
 
 
 def test_metrics_move_by_exactly_the_expected_amounts(stack):
@@ -104,7 +69,8 @@ def test_metrics_move_by_exactly_the_expected_amounts(stack):
 def test_engine_down_flips_the_up_gauge_and_logs_once(stack):
     stack.stop_service("clamd")
     try:
-        assert wait_for(lambda: get(scrape(stack), "scanmilter_engine_up", engine="clamd") == 0)
+        assert wait_for(lambda: get(scrape(stack), "scanmilter_engine_up", engine="clamd") == 0, "clamd down",
+                        timeout=10)
         for _ in range(4):          # failures in a row open the circuit: later ones fail at once
             r = send(stack, make("while clamd is down"))
             assert r["code"] == 451, r
@@ -113,7 +79,7 @@ def test_engine_down_flips_the_up_gauge_and_logs_once(stack):
         assert get(values, "scanmilter_scan_errors_total", engine="clamd", kind="circuit") >= 1
     finally:
         stack.start_service("clamd")
-    assert wait_for(lambda: get(scrape(stack), "scanmilter_engine_up", engine="clamd") == 1)
+    assert wait_for(lambda: get(scrape(stack), "scanmilter_engine_up", engine="clamd") == 1, "clamd up", timeout=10)
     assert get(scrape(stack), "scanmilter_engine_circuit_open", engine="clamd") == 0
     log = stack.logs["scanmilter"].read_text()
     assert log.count("warning: clamd is down") == 1           # once per state change, not per message
@@ -123,9 +89,7 @@ def test_engine_down_flips_the_up_gauge_and_logs_once(stack):
 
 
 def selftest(stack):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "milter"))
-    return subprocess.run([sys.executable, "-m", "scanmilter", "selftest", "-c", str(stack.milter_config)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    return scanmilter(stack, "selftest", timeout=120)
 
 
 def test_selftest_passes_and_fails_when_clamd_is_stopped(stack):
@@ -164,29 +128,17 @@ quarantine_action = "reject"
 
 
 def quarantine_list(stack):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "milter"))
-    return subprocess.run([sys.executable, "-m", "scanmilter", "quarantine", "list", "-c", str(stack.milter_config)],
-                          capture_output=True, text=True, env=env, timeout=60)
+    return scanmilter(stack, "quarantine", "list")
 
 
-class AskingStack(stacklib.Stack):
-    """A stack whose Postfix asks for selftest's mark among its connect macros (it has no value
-    to send for it: its macros are its own attributes)."""
-
-    def _write_configs(self):
-        super()._write_configs()
-        main = self.postfix_conf / "main.cf"
-        text = main.read_text().replace("milter_connect_macros = ", "milter_connect_macros = {scanmilter_selftest} ")
-        assert "{scanmilter_selftest}" in text
-        main.write_text(text)
+# Postfix asks for selftest's mark among its connect macros (it has no value to send for it: its
+# macros are its own attributes)
+ASKING_MACROS = {"milter_connect_macros": "{scanmilter_selftest} " + stacklib.MILTER_CONNECT_MACROS}
 
 
 def test_selftest_judges_by_a_policy_that_quarantines_and_holds_nothing():
-    root = scratch("scanmilter-e2e-selftest-q-")
-    s = AskingStack(root, smtp_port=stacklib.free_port(), policy_text=HOLDING_POLICY,
-                    scanmilter_settings={"quarantine_directory": f"{root}/quarantine"})
-    s.start()
-    try:
+    with new_stack("selftest-q", policy_text=HOLDING_POLICY, quarantine=True, postfix_settings=ASKING_MACROS) as s:
+        assert "milter_connect_macros = {scanmilter_selftest} j " in (s.postfix_conf / "main.cf").read_text()
         ok = selftest(s)
         assert ok.returncode == 0, ok.stdout + ok.stderr
         lines = ok.stdout.splitlines()
@@ -211,7 +163,7 @@ def test_selftest_judges_by_a_policy_that_quarantines_and_holds_nothing():
         # [virus_classes] and quarantine_action = "reject": the sender's answer is quarantine_reply
         (s.milter_config.parent / "policy.toml").write_text(HOLDING_POLICY_REJECT)
         reloads = len(s.wait_logged("reloaded configuration", count=0))
-        [(pid, _)] = s._pids("scanmilter")
+        [(pid, _)] = s.pids("scanmilter")
         os.kill(pid, signal.SIGHUP)
         s.wait_logged("reloaded configuration", count=reloads + 1)
         ok = selftest(s)
@@ -221,8 +173,6 @@ def test_selftest_judges_by_a_policy_that_quarantines_and_holds_nothing():
         assert '"Eicar-*"' in lines[2] and "not stored: self test" in lines[2]
         listed = quarantine_list(s)
         assert "1 entry" in listed.stdout, listed.stdout          # still only the real message
-    finally:
-        s.stop()
 
 
 def readme_swaks() -> list[str]:

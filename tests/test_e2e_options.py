@@ -8,8 +8,7 @@ import uuid
 import pytest
 
 import stack as stacklib
-from conftest import scratch
-from test_e2e import OUTSIDE, body_of, delivered_with, header_lines, make, not_delivered, spamd_saw
+from support import body_of, delivered_with, header_lines, make, not_delivered, send, spamd_saw, wait_summary
 
 pytestmark = pytest.mark.integration
 
@@ -17,24 +16,15 @@ POLICY = '[inbound]\nscan_failure_action = "accept"\noversize_action = "reject"\
 
 
 @pytest.fixture(scope="module")
-def stack():
-    root = scratch("scanmilter-e2e-opt-")
-    s = stacklib.Stack(root, smtp_port=stacklib.free_port(), milter_inet_port=stacklib.free_port(),
-                       policy_text=POLICY,
-                       # clamd takes 120 KB at most and unpacks no file over 60 KB (AlertExceedsMax is on):
-                       # two bands below message_size_limit that must not pass unscanned
-                       clamd_settings={"MaxFileSize": "60K", "MaxScanSize": "60K"},
-                       scanmilter_settings={"message_size_limit": 200_000, "spool_memory_limit": 65536,
-                                            "clamd_size_limit": 120_000,
-                                            "spamd_timeout": 2.0, "clamd_timeout": 2.0,
-                                            "scan_cache_seconds": 0, "clamd_head_start": 0})
-    s.start()
-    yield s
-    s.stop()
-
-
-def send(stack, data):
-    return stack.send(data, "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE)
+def stack(stack_with):
+    return stack_with(milter_inet_port=stacklib.free_port(), policy_text=POLICY,
+                      # clamd takes 120 KB at most and unpacks no file over 60 KB (AlertExceedsMax is on):
+                      # two bands below message_size_limit that must not pass unscanned
+                      clamd_settings={"MaxFileSize": "60K", "MaxScanSize": "60K"},
+                      scanmilter_settings={"message_size_limit": 200_000, "spool_memory_limit": 65536,
+                                           "clamd_size_limit": 120_000,
+                                           "spamd_timeout": 2.0, "clamd_timeout": 2.0,
+                                           "scan_cache_seconds": 0, "clamd_head_start": 0})
 
 
 def test_milter_over_tcp_delivers_clean_mail(stack):
@@ -85,21 +75,6 @@ def test_spamd_that_accepts_but_never_answers_times_out(stack):
     assert header_lines(d.data, "X-Virus-Status") == ["X-Virus-Status: clean"]
 
 
-def summary(stack, marker):
-    """scanmilter's summary line for the message whose Message-ID is <marker@outside.test>."""
-    from test_e2e import summary_lines
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            qid, lines = summary_lines(stack, marker)
-        except AttributeError:          # Postfix has not logged the message yet
-            lines = []
-        if lines:
-            return lines[-1]
-        time.sleep(0.1)
-    raise AssertionError(f"no summary line for {marker}")
-
-
 @pytest.mark.parametrize("size, why", [(150_000, "clamd:size"), (90_000, "clamd:limits")])
 def test_mail_an_engine_skips_for_its_size_gets_the_oversize_rule(stack, size, why):
     """Between an engine's size limit and message_size_limit, mail is never passed unscanned:
@@ -109,7 +84,7 @@ def test_mail_an_engine_skips_for_its_size_gets_the_oversize_rule(stack, size, w
     body = line * (size // len(line))
     r = send(stack, make(f"band {marker}", body=body, msgid=f"<{marker}@outside.test>"))
     assert r["code"] == 552 and "5.3.4" in r["reply"], r
-    line = summary(stack, marker)
+    line = wait_summary(stack, marker)
     assert "action=reject, reason=oversize" in line and why in line, line
     assert not_delivered(stack, marker)
 
@@ -121,7 +96,7 @@ def test_zero_turns_the_scan_cache_and_the_head_start_off(stack):
     for mid in (first, second):
         assert send(stack, make(f"Weekly offers {marker}", body=body, msgid=f"<{mid}@outside.test>"))["code"] == 250
     for mid in (first, second):
-        assert "cached" not in summary(stack, mid)
+        assert "cached" not in wait_summary(stack, mid)
     deadline = time.monotonic() + 30
     while not (spamd_saw(stack, first) and spamd_saw(stack, second)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -130,4 +105,4 @@ def test_zero_turns_the_scan_cache_and_the_head_start_off(stack):
     virus = uuid.uuid4().hex
     r = send(stack, make(f"eicar {virus}", body=stacklib.eicar().decode() + "\n", msgid=f"<{virus}@outside.test>"))
     assert r["code"] == 550 and "Eicar-Test-Signature" in r["reply"], r
-    assert "skipped=spamd:decided" not in summary(stack, virus)
+    assert "skipped=spamd:decided" not in wait_summary(stack, virus)

@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
+import procs
 import stack as stacklib
-from conftest import scratch
-from test_e2e import OUTSIDE, delivered_with, header_lines, make, not_delivered
+from support import GTUBE, OUTSIDE, delivered_with, header_lines, make, not_delivered
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +42,8 @@ value = "Mailer"
 
 
 @pytest.fixture(scope="module")
-def stack():
-    root = scratch("scanmilter-e2e-pol-")
-    s = stacklib.Stack(root, smtp_port=stacklib.free_port(), policy_text=POLICY)
-    s.start()
-    yield s
-    s.stop()
+def stack(stack_with):
+    return stack_with(policy_text=POLICY)
 
 
 def tagged(marker, **kw):
@@ -94,8 +90,7 @@ def test_sasl_authenticated_sender_is_outbound(stack):
 
 
 def test_outbound_spam_is_refused_with_a_reply_for_the_user(stack):
-    gtube = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
-    r = stack.send(make("hi", body=gtube + "\n"), "carol@example.com", ["dave@elsewhere.test"])
+    r = stack.send(make("hi", body=GTUBE + "\n"), "carol@example.com", ["dave@elsewhere.test"])
     assert r["code"] == 550 and "Your message was not sent: it looks like spam" in r["reply"], r
 
 
@@ -127,7 +122,7 @@ def test_mixed_recipients_with_a_reject_are_rejected_for_all(stack):
 
 
 def test_sighup_reloads_under_traffic_and_a_broken_policy_is_refused(stack):
-    [(pid, _)] = stack._pids("scanmilter")
+    [(pid, _)] = stack.pids("scanmilter")
     policy_file = stack.root / "scanmilter" / "policy.toml"
     results, stop = [], threading.Event()
 
@@ -161,7 +156,7 @@ def test_sighup_reloads_under_traffic_and_a_broken_policy_is_refused(stack):
     finally:
         stop.set()
         sender.join()
-    assert stacklib._alive(pid) and stack._pids("scanmilter")[0][0] == pid
+    assert procs.alive(pid) and stack.pids("scanmilter")[0][0] == pid
     assert len(results) >= 5 and all(code == 250 for _, code in results), results
     log = stack.logs["scanmilter"].read_text()
     assert "reloaded configuration" in log

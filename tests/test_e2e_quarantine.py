@@ -1,20 +1,15 @@
 """End to end: held mail through real Postfix, reviewed and released with the quarantine CLI."""
 import io
 import json
-import os
 import re
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
 
 import pytest
 
-import stack as stacklib
-from conftest import ROOT, scratch
-from test_e2e import OUTSIDE, body_of, delivered_with, header_lines, make, not_delivered
+from support import OUTSIDE, body_of, delivered_with, header_lines, make, not_delivered, scanmilter
 
 pytestmark = pytest.mark.integration
 
@@ -28,20 +23,13 @@ reject_level = 1000.0
 
 
 @pytest.fixture(scope="module")
-def stack():
-    root = scratch("scanmilter-e2e-q-")
-    s = stacklib.Stack(root, smtp_port=stacklib.free_port(), policy_text=POLICY, spamd_learning=True,
-                       scanmilter_settings={"quarantine_directory": f"{root}/quarantine",
-                                            "engine_check_interval": 0.5})
-    s.start()
-    yield s
-    s.stop()
+def stack(stack_with):
+    return stack_with(policy_text=POLICY, spamd_learning=True, quarantine=True,
+                      scanmilter_settings={"engine_check_interval": 0.5})
 
 
 def cli(stack, *args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "milter"))
-    return subprocess.run([sys.executable, "-m", "scanmilter", "quarantine", *args, "-c", str(stack.milter_config)],
-                          capture_output=True, text=True, env=env, timeout=60)
+    return scanmilter(stack, "quarantine", *args)
 
 
 def entries(stack, *filters):
@@ -76,8 +64,7 @@ def test_held_message_is_listed_shown_released_once_and_deleted(stack):
     marker = uuid.uuid4().hex
     data, r = hold(stack, marker)
     assert r["code"] == 250, r                                   # quarantine_action = discard
-    time.sleep(0.5)
-    assert not_delivered(stack, marker)
+    assert not_delivered(stack, marker)                          # waits for Postfix to be done
     [entry] = [e for e in entries(stack, "--from", "alice@") if marker in e["subject"]]
     # 8.0 from the test rule; random marker text can hit a stock rule too (PDS_BTC_ID likes some hex)
     assert entry["reason"] == "spam" and entry["recipients"] == ["bob@example.com"] and entry["score"] >= 8.0
@@ -105,7 +92,7 @@ def test_held_message_is_listed_shown_released_once_and_deleted(stack):
 
     again = cli(stack, "release", entry["id"])
     assert again.returncode == 3 and "already released" in again.stderr
-    time.sleep(0.5)
+    stack.wait_drained()
     assert len([x for x in stack.delivered() if marker.encode() in x.data]) == 1
 
     assert cli(stack, "delete", entry["id"]).returncode == 0
@@ -220,7 +207,7 @@ def test_release_delivers_without_the_senders_forged_verdict_headers(stack):
 def test_release_of_utf8_addresses_goes_out_with_smtputf8(stack):
     from scanmilter import quarantine as Q
     marker = uuid.uuid4().hex
-    store = Q.Store(str(stack.root / "quarantine"))
+    store = Q.FileStore(str(stack.root / "quarantine"))
     entry_id = store.put(io.BytesIO(make(f"utf8 {marker}")), {"sender": "jöran@outside.test",
                                                                "recipients": ["bob@example.com"], "reason": "spam"})
     rel = cli(stack, "release", entry_id, "--by", "postmaster")

@@ -42,16 +42,15 @@ import re
 import shlex
 import shutil
 import subprocess
-import time
 import tomllib
 from pathlib import Path
 
 import pytest
 
+import procs
 import stack as stacklib
-import test_packaging
 from conftest import ROOT, scratch
-from test_e2e import GTUBE, OUTSIDE, make
+from support import GTUBE, OUTSIDE, install_wheel, make, wait_for
 
 SYSTEM_PYTHON = "/usr/bin/python3"   # the README's `python3 -m venv`
 
@@ -108,7 +107,7 @@ class Server:
 
     def __init__(self):
         # the README's `python3 -m venv /opt/scanmilter`: Debian's python3, which the service user can run
-        work, _ = test_packaging.install_wheel(SYSTEM_PYTHON, "venv-system")
+        work, _ = install_wheel(SYSTEM_PYTHON, "venv-system")
         self.bin = work / "venv-system" / "bin" / "scanmilter"
         self.root = Path(scratch("scanmilter-server-"))
         self.sys = self.root / "sys"
@@ -220,7 +219,7 @@ class Server:
             f"-o smtpd_milters={milters}")
         run("postfix", "-c", st.postfix_conf, "reload")
         try:
-            wait_for(lambda: stacklib._chat(port, read=False) is not None, f"the smtpd on port {port}")
+            wait_for(lambda: procs.accepts(port), f"the smtpd on port {port}")
             yield port
         finally:
             run("postconf", "-c", st.postfix_conf, "-MX", service)
@@ -239,7 +238,7 @@ class Server:
                                "--clamd-conf", self.stack.root / "clamd/clamd.conf")
 
     def daemon_pid(self) -> int:
-        [(pid, _)] = self.stack._pids("scanmilter")
+        [(pid, _)] = self.stack.pids("scanmilter")
         return pid
 
 
@@ -253,13 +252,6 @@ def server():
 
 def errors(out) -> list[str]:
     return [ln for ln in out.stdout.splitlines() if ln.startswith("error:")]
-
-
-def wait_for(predicate, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- the layout itself
@@ -359,7 +351,7 @@ def test_the_old_socket_outside_the_chroot_tempfails_mail_and_is_named(server):
         proc = subprocess.Popen(server.command(server.unit, "ExecStart", conf), stdout=log, stderr=log,
                                 start_new_session=True)
     try:
-        wait_for(lambda: stacklib._chat(run_socket, read=False) is not None, "scanmilter on the /run socket")
+        wait_for(lambda: procs.accepts(run_socket), "scanmilter on the /run socket")
         with server.smtpd_with_milters(f"unix:{run_socket}") as port:
             r = st.send(make("run socket"), "alice@outside.test", ["bob@example.com"], xclient_addr=OUTSIDE,
                         port=port)

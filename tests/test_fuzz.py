@@ -11,7 +11,7 @@ from scanmilter.message import Seen
 from scanmilter.scanners import EngineError, ScanResult
 from scanmilter.scanners import clamd as C, spamd as S
 from scanmilter.verdict import combine, safe_name
-from test_headers import assert_safe, decoded
+from support import assert_safe, decoded
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -8,6 +8,7 @@ from scanmilter import headers as H, policy as P, policyfile
 from scanmilter.message import Seen
 from scanmilter.scanners import ScanResult
 from scanmilter.verdict import combine
+from support import assert_safe, decoded
 
 OUTSIDE = P.Envelope("203.0.113.7", "", "", "a@outside.test", ("bob@example.com",))
 INSIDE = P.Envelope("127.0.0.1", "", "", "carol@example.com", ("dave@elsewhere.test",))
@@ -42,22 +43,6 @@ def test_subject_tagged_once_and_missing_subject_added():
     assert H.Edit("change", "Subject", 1, "[SPAM] hi") in run(8.0, [Seen("Subject", 1, b" hi")])
     assert not [e for e in run(8.0, [Seen("Subject", 1, b" [SPAM] hi")]) if e.name == "Subject"]
     assert H.Edit("add", "Subject", 0, "[SPAM]") in run(8.0, [])
-
-
-def decoded(value: str) -> bytes:
-    """A header value as a reader gets it: unfolded (RFC 5322: a line break before white space
-    goes), then its encoded words decoded, as the bytes they carry."""
-    unfolded = re.sub(r"\r?\n(?=[ \t])", "", value)
-    return b"".join(p if isinstance(p, bytes) else p.encode("ascii")
-                    for p, _ in email.header.decode_header(unfolded))
-
-
-def assert_safe(value: str):
-    """What pymilter and Postfix can take: ASCII (valid UTF-8 for chgheader), no CR, no control
-    character but tab, and every line after the first a continuation (starts with white space)."""
-    assert value.isascii() and "\r" not in value
-    assert all(ch in "\t\n" or 32 <= ord(ch) < 127 for ch in value)
-    assert all(line[:1] in (" ", "\t") for line in value.split("\n")[1:])
 
 
 @pytest.mark.parametrize("subject, expected", [

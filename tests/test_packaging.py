@@ -1,47 +1,15 @@
 """The built wheel, installed into a fresh venv outside the checkout, runs on its own: --version,
 check-config on the shipped example configuration, and selftest against a stack whose
 scanmilter is the installed one."""
-import functools
 import os
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
-import stack as stacklib
-from conftest import ROOT, scratch
+from conftest import ROOT, new_stack
+from support import install_wheel, run
 
 pytestmark = pytest.mark.integration
-
-
-def run(*cmd, **kw):
-    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kw)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out
-
-
-@functools.cache
-def build_wheel():
-    """The wheel and sdist, built once per session in a scratch directory: (work directory, wheel)."""
-    work = Path(scratch("scanmilter-pkg-"))
-    work.chmod(0o755)
-    run(sys.executable, "-m", "build", "-o", work / "dist", ROOT)
-    [wheel] = (work / "dist").glob("scanmilter-*.whl")
-    assert list((work / "dist").glob("scanmilter-*.tar.gz")), "no sdist"
-    return work, wheel
-
-
-@functools.cache
-def install_wheel(python=sys.executable, name="venv"):
-    """A venv WORK/NAME made by `python`, outside the checkout, with only the built wheel (and its
-    dependencies) in it; once per session (test_e2e_server.py uses one of Debian's python3, as
-    the README does). Returns (work directory, wheel)."""
-    work, wheel = build_wheel()
-    run(python, "-m", "venv", work / name)
-    run(work / name / "bin" / "pip", "install", "-q", "--disable-pip-version-check", wheel, cwd=work)
-    return work, wheel
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +45,9 @@ def test_installed_command_runs_outside_the_checkout(installed):
 def test_selftest_against_a_stack_running_the_installed_package(installed):
     work, _ = installed
     bin_ = work / "venv" / "bin"
-    root = scratch("scanmilter-pkg-stack-")
-    st = stacklib.Stack(root, smtp_port=stacklib.free_port(), milter_cmd=[str(bin_ / "scanmilter"), "serve", "-c",
-                                                                        "{config}"])
-    st.start()
-    try:
-        [(pid, _)] = st._pids("scanmilter")
+    with new_stack("pkg-stack", milter_cmd=[str(bin_ / "scanmilter"), "serve", "-c", "{config}"]) as st:
+        [(pid, _)] = st.pids("scanmilter")
         assert str(bin_ / "scanmilter") in open(f"/proc/{pid}/cmdline").read()
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         out = run(bin_ / "scanmilter", "selftest", "-c", st.milter_config, cwd=work, env=env)
         assert [line.split(":")[0] for line in out.stdout.splitlines()] == ["PASS clean", "PASS gtube", "PASS eicar"]
-    finally:
-        st.stop()

@@ -16,7 +16,8 @@ import pytest
 from conftest import scratch
 from scanmilter import cli
 from scanmilter import quarantine as Q
-from scanmilter import quarantine_cli as QC
+from scanmilter.commands import quarantine as QC
+from scanmilter.quarantine import entry as QE, release as QR
 
 
 def put(store, data=b"Subject: x\r\n\r\nbody\r\n", **meta):
@@ -25,7 +26,7 @@ def put(store, data=b"Subject: x\r\n\r\nbody\r\n", **meta):
 
 
 def test_put_get_message(tmp_path):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     entry_id = put(store)
     assert Q.valid_id(entry_id)
     assert store.message(entry_id) == b"Subject: x\r\n\r\nbody\r\n"
@@ -42,7 +43,7 @@ def modes(directory):
 def test_directories_0700_and_files_0600_under_any_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
-        store = Q.Store(str(tmp_path / "q"))
+        store = Q.FileStore(str(tmp_path / "q"))
         entry = store.get(put(store))
         entry.meta["learned"] = []
         store.update(entry)
@@ -57,11 +58,11 @@ def test_directories_0700_and_files_0600_under_any_umask(tmp_path, umask):
 
 
 def test_an_index_left_group_readable_is_made_0600(tmp_path):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     put(store)
     for name in ("index.sqlite", "index.sqlite-wal"):
         os.chmod(tmp_path / "q" / name, 0o644)
-    Q.Store(str(tmp_path / "q")).select()
+    Q.FileStore(str(tmp_path / "q")).select()
     assert {n: m for n, m in modes(tmp_path / "q").items() if n.startswith("index")} == {
         "index.sqlite": 0o600, "index.sqlite-wal": 0o600, "index.sqlite-shm": 0o600}
 
@@ -72,12 +73,12 @@ def test_a_symlinked_index_is_refused(tmp_path, name):
     (tmp_path / "elsewhere").write_bytes(b"")
     os.symlink(tmp_path / "elsewhere", tmp_path / "q" / name)
     with pytest.raises(Q.StoreError, match="not a regular file"):
-        Q.Store(str(tmp_path / "q"))
+        Q.FileStore(str(tmp_path / "q"))
     assert (tmp_path / "elsewhere").read_bytes() == b""
 
 
 def test_ids_are_random_and_validated(tmp_path):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     assert len({put(store) for _ in range(20)}) == 20
     for bad in ("../x", "0" * 23, "g" * 24, "0" * 24 + "/..", ""):
         with pytest.raises(Q.NotFound):
@@ -85,7 +86,7 @@ def test_ids_are_random_and_validated(tmp_path):
 
 
 def test_a_writer_killed_before_rename_leaves_no_entry_and_no_garbage(tmp_path, monkeypatch):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     real_rename = os.rename
 
     def crash(src, dst, **kw):
@@ -101,12 +102,12 @@ def test_a_writer_killed_before_rename_leaves_no_entry_and_no_garbage(tmp_path, 
     assert left and all(n.endswith(".msg") for n in left)      # the unpublished message file
     # a temp file of a writer killed by SIGKILL mid-write
     (tmp_path / "q" / "entries" / ".tmp-abc.msg.1234").write_bytes(b"half")
-    assert Q.Store(str(tmp_path / "q")).recover(min_age=0) == 2
+    assert Q.FileStore(str(tmp_path / "q")).recover(min_age=0) == 2
     assert os.listdir(tmp_path / "q" / "entries") == []
 
 
 def test_recover_spares_young_temp_files_of_a_running_writer(tmp_path):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     (tmp_path / "q" / "entries" / ".tmp-abc.msg.1234").write_bytes(b"being written")
     assert store.recover() == 0
 
@@ -114,7 +115,7 @@ def test_recover_spares_young_temp_files_of_a_running_writer(tmp_path):
 @pytest.mark.parametrize("failing", [".msg", ".json"])
 def test_disk_full_raises_and_leaves_nothing(tmp_path, monkeypatch, failing):
     """The disk fills while the message file or the metadata file is written: nothing may remain."""
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     real_fsync = os.fsync
     failed = []
 
@@ -138,24 +139,24 @@ def test_symlinked_entries_directory_is_refused(tmp_path):
     (tmp_path / "q").mkdir()
     os.symlink(tmp_path / "elsewhere", tmp_path / "q" / "entries")
     with pytest.raises(Q.StoreError, match="not a directory"):
-        Q.Store(str(tmp_path / "q"))
+        Q.FileStore(str(tmp_path / "q"))
 
 
 def test_index_is_rebuilt_from_the_files(tmp_path):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     ids = {put(store, reason="virus"), put(store)}
     del store
     for name in os.listdir(tmp_path / "q"):
         if name.startswith("index.sqlite"):
             os.unlink(tmp_path / "q" / name)
-    again = Q.Store(str(tmp_path / "q"))
+    again = Q.FileStore(str(tmp_path / "q"))
     assert {e.id for e in again.select()} == ids           # rebuilt on first listing
     assert [e.meta["reason"] for e in again.select(reason="virus")] == ["virus"]
     assert again.reindex() == 2
 
 
 def test_filters_delete_purge_and_stats(tmp_path):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     old = put(store, time=time.time() - 40 * 86400, sender="x@old.test")
     new = put(store, recipients=["boss@example.com"])
     assert [e.id for e in store.select()] == [new, old]                    # newest first
@@ -172,25 +173,25 @@ def test_filters_delete_purge_and_stats(tmp_path):
         store.delete(new)
     # what the daemon exports as scanmilter_quarantine_actions_total; a failed delete counts nothing
     assert store.tallies() == {"release": 0, "delete": 1, "purge": 1, "learn_ham": 0, "learn_spam": 0}
-    assert Q.Store(str(tmp_path / "q")).tallies()["delete"] == 1     # shared between processes
+    assert Q.FileStore(str(tmp_path / "q")).tallies()["delete"] == 1     # shared between processes
 
 
 def test_tallies_survive_a_reindex(tmp_path):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     store.delete(put(store))
     store.reindex()
     assert store.tallies()["delete"] == 1
 
 
 def test_release_failure_leaves_the_entry_intact(tmp_path):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     entry_id = put(store)
-    with pytest.raises(Q.ReleaseError, match="release endpoint"):
-        Q.release(store, entry_id, ("127.0.0.1", 9), "me", timeout=2)        # nothing listens on port 9
+    with pytest.raises(QR.ReleaseError, match="release endpoint"):
+        QR.release(store, entry_id, ("127.0.0.1", 9), "me", timeout=2)        # nothing listens on port 9
     assert store.get(entry_id).meta["released"] == []
     assert store.tallies()["release"] == 0
-    with pytest.raises(Q.ReleaseError, match="not among the entry's recipients"):
-        Q.release(store, entry_id, ("127.0.0.1", 9), "me", to=["stranger@x.test"])
+    with pytest.raises(QR.ReleaseError, match="not among the entry's recipients"):
+        QR.release(store, entry_id, ("127.0.0.1", 9), "me", to=["stranger@x.test"])
 
 
 @pytest.mark.parametrize("text, seconds", [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("2w", 1209600)])
@@ -213,7 +214,7 @@ def test_cli_usage_errors_are_one_line(tmp_path, capsys):
 # ---- undecodable envelope addresses (pymilter hands raw bytes over surrogate-escaped)
 
 def test_undecodable_addresses_are_held_listed_reindexed_and_purged(tmp_path, capsys):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     put(store, subject="first")                           # the index is not empty: no rebuild hides a gap
     entry_id = put(store, sender="a\udce9@x.test", recipients=["b\udcff@y.test"])
     assert store.get(entry_id).meta["sender"] == "a\udce9@x.test"        # kept exactly in the .json
@@ -230,7 +231,7 @@ def test_undecodable_addresses_are_held_listed_reindexed_and_purged(tmp_path, ca
 
 
 def test_put_removes_its_files_when_indexing_fails_unexpectedly(tmp_path, monkeypatch):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
 
     class Broken:
         def __enter__(self):
@@ -254,7 +255,7 @@ def write_raw_entry(store, entry_id, meta_text: str, message=b"Subject: x\r\n\r\
 
 
 def test_reindex_is_one_transaction_that_skips_and_reports_bad_entries(tmp_path, capsys):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     good = {put(store), put(store)}
     # an entry an older version wrote for a sender with a raw byte (its insert used to crash)
     old = "1" * 24
@@ -278,19 +279,19 @@ def test_reindex_is_one_transaction_that_skips_and_reports_bad_entries(tmp_path,
 
 
 def test_a_failed_rebuild_leaves_the_old_index(tmp_path, monkeypatch):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     ids = {put(store), put(store), put(store)}
-    real_row, calls = Q._row, []
+    real_row, calls = QE.index_row, []
 
     def row(meta):
         calls.append(meta["id"])
         if len(calls) == 2:
             raise sqlite3.OperationalError("disk I/O error")
         return real_row(meta)
-    monkeypatch.setattr(Q, "_row", row)
+    monkeypatch.setattr(QE, "index_row", row)
     with pytest.raises(Q.StoreError, match="cannot rebuild the index"):
         store.reindex()
-    monkeypatch.setattr(Q, "_row", real_row)
+    monkeypatch.setattr(QE, "index_row", real_row)
     assert store.index_stale()                       # tried again at the next listing
     assert {e.meta["id"] for e in store.select()} == ids and not store.index_stale()
 
@@ -298,7 +299,7 @@ def test_a_failed_rebuild_leaves_the_old_index(tmp_path, monkeypatch):
 # ---- a failed index write is reported and repaired
 
 def test_a_locked_index_is_reported_and_the_entry_listed_after_repair(tmp_path, capsys):
-    store = Q.Store(str(tmp_path / "q"), index_timeout=0.1)
+    store = Q.FileStore(str(tmp_path / "q"), index_timeout=0.1)
     first = put(store)
     blocker = sqlite3.connect(str(tmp_path / "q" / "index.sqlite"), isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
@@ -352,10 +353,10 @@ def test_root_keeps_owners_and_purge_goes_past_what_it_cannot_delete():
     os.chmod(top, 0o755)
     nobody = pwd.getpwnam("nobody")
     q = os.path.join(top, "q")
-    Q.Store(q)
+    Q.FileStore(q)
     for d in (q, os.path.join(q, "entries"), os.path.join(q, "index.sqlite")):
         os.chown(d, nobody.pw_uid, nobody.pw_gid)
-    store = Q.Store(q)                                   # root, like `scanmilter quarantine release`
+    store = Q.FileStore(q)                                   # root, like `scanmilter quarantine release`
     old = time.time() - 40 * 86400
     ids = [put(store, time=old) for _ in range(3)]
     entry = store.get(ids[0])
@@ -471,10 +472,10 @@ FORGED = (b"X-Spam-Flag: NO\r\n"
 
 
 def test_release_strips_forged_verdict_headers_and_adds_ours_once(tmp_path, sink):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     body = b"X-Spam-Flag: in the body stays\r\nbody\r\n"
     entry_id = put(store, data=FORGED + b"\r\n" + body)
-    assert Q.release(store, entry_id, sink.address, "postmaster") == ["c@d.test"]
+    assert QR.release(store, entry_id, sink.address, "postmaster") == ["c@d.test"]
     [got] = sink.messages
     head, _, rest = got["data"].partition(b"\r\n\r\n")
     assert rest == body                                     # the body byte for byte
@@ -488,9 +489,9 @@ def test_release_strips_forged_verdict_headers_and_adds_ours_once(tmp_path, sink
 
 
 def test_release_uses_smtputf8_for_utf8_addresses(tmp_path, sink):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     entry_id = put(store, sender="jöran@bücher.test", recipients=["zoë@example.com"])
-    assert Q.release(store, entry_id, sink.address, "me") == ["zoë@example.com"]
+    assert QR.release(store, entry_id, sink.address, "me") == ["zoë@example.com"]
     [got] = sink.messages
     assert got["mail"].lower() == "mail from:<jöran@bücher.test> smtputf8".encode()      # bytes: ASCII only lowered
     assert [r.lower() for r in got["rcpt"]] == ["rcpt to:<zoë@example.com>".encode()]
@@ -506,7 +507,7 @@ def release_cli(tmp_path, entry_id, address, capsys):
 
 
 def test_release_errors_are_one_line_with_exit_3(tmp_path, capsys):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     plain = Sink(extensions=("8BITMIME",))                # no SMTPUTF8
     try:
         utf8 = put(store, sender="jöran@bücher.test")
@@ -526,7 +527,7 @@ def test_release_errors_are_one_line_with_exit_3(tmp_path, capsys):
 # ---- entry locks: each verb is atomic per entry
 
 def test_two_concurrent_releases_deliver_once(tmp_path):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     entry_id = put(store)
     msg_file = os.path.join(store.entries_dir, f"{entry_id}.msg")
     held_until = []
@@ -542,8 +543,8 @@ def test_two_concurrent_releases_deliver_once(tmp_path):
 
     def release():
         try:
-            results.append(Q.release(Q.Store(str(tmp_path / "q")), entry_id, sink.address, "me", timeout=20))
-        except Q.ReleaseError as e:
+            results.append(QR.release(Q.FileStore(str(tmp_path / "q")), entry_id, sink.address, "me", timeout=20))
+        except QR.ReleaseError as e:
             results.append(str(e))
     try:
         threads = [threading.Thread(target=release) for _ in range(2)]
@@ -560,7 +561,7 @@ def test_two_concurrent_releases_deliver_once(tmp_path):
 
 
 def test_delete_racing_update_never_leaves_metadata_without_message(tmp_path, monkeypatch):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     entry_id = put(store)
     entries = tmp_path / "q" / "entries"
     msg_file = entries / f"{entry_id}.msg"
@@ -586,7 +587,7 @@ def test_delete_racing_update_never_leaves_metadata_without_message(tmp_path, mo
     update = threading.Thread(target=run, args=(lambda: store.update(entry),), name="update")
     update.start()
     assert started.wait(10)
-    delete = threading.Thread(target=run, args=(lambda: Q.Store(str(tmp_path / "q")).delete(entry_id),))
+    delete = threading.Thread(target=run, args=(lambda: Q.FileStore(str(tmp_path / "q")).delete(entry_id),))
     delete.start()
     update.join(20)
     delete.join(20)
@@ -595,7 +596,7 @@ def test_delete_racing_update_never_leaves_metadata_without_message(tmp_path, mo
 
 
 def test_update_after_delete_does_not_bring_the_entry_back(tmp_path):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     entry_id = put(store)
     entry = store.get(entry_id)
     store.delete(entry_id)
@@ -613,7 +614,7 @@ REORDERING = ["\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u206
 
 def test_show_lets_no_reordering_or_control_character_through(tmp_path, capsys):
     import email.header
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     nasty = "".join(REORDERING)
     subject = email.header.Header(f"invoice {nasty} cod.exe", "utf-8").encode()
     message = (f"From: evil{nasty}@x.test\r\nSubject: {subject}\r\nContent-Type: text/plain; charset=utf-8\r\n"

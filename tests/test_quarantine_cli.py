@@ -3,7 +3,6 @@ configuration, piped into `head`, showing a client Postfix had no name for."""
 import fcntl
 import io
 import os
-import pwd
 import subprocess
 import sys
 
@@ -12,39 +11,8 @@ import pytest
 from conftest import ROOT, scratch
 from scanmilter import cli
 from scanmilter import quarantine as Q
-from scanmilter import quarantine_cli as QC
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
-
-
-def as_user(name, func):
-    """Run func() in a child process as user `name` (its primary group only): (its return value as the
-    exit status, what it printed to stdout and stderr). As root, permission checks are bypassed, so
-    a test of what other users meet must drop privileges; a fork keeps the modules already imported
-    (the interpreter itself may sit where that user cannot read)."""
-    user = pwd.getpwnam(name)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        status = 255
-        try:
-            os.close(r)
-            os.setgroups([user.pw_gid])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            sys.stdout = sys.stderr = os.fdopen(w, "w")
-            status = func()
-            sys.stdout.flush()
-        except BaseException as e:         # shown to the test through the pipe
-            print(f"child failed: {e!r}", file=sys.stderr)
-            sys.stderr.flush()
-        finally:
-            os._exit(status)
-    os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), out
+from scanmilter.commands import quarantine as QC
+from support import as_user, needs_root
 
 
 def config_dir(mode, file_mode=0o644, quarantine_mode=0o700):
@@ -111,7 +79,7 @@ def put(store, data=b"Subject: x\r\n\r\nbody\r\n", **meta):
 def busy_quarantine(tmp_path_factory):
     """A quarantine whose listings and messages are many pipe buffers long."""
     d = tmp_path_factory.mktemp("busy")
-    store = Q.Store(str(d / "q"))
+    store = Q.FileStore(str(d / "q"))
     rcpts = [f"user{i:03d}@example.com" for i in range(40)]
     for _ in range(12):
         put(store, recipients=rcpts)
@@ -163,7 +131,7 @@ def test_output_closed_in_process_returns_141(monkeypatch, capsys):
     ("mail.outside.test", "203.0.113.7", "mail.outside.test[203.0.113.7]"),
 ])
 def test_show_prints_the_client_as_postfix_logs_it(tmp_path, capsys, name, address, shown):
-    store = Q.Store(str(tmp_path / "q"))
+    store = Q.FileStore(str(tmp_path / "q"))
     entry_id = put(store, client_name=name, client_address=address)
     (tmp_path / "s.toml").write_text(f'quarantine_directory = "{tmp_path / "q"}"\n')
     assert cli.main(["quarantine", "show", entry_id, "-c", str(tmp_path / "s.toml")]) == 0

@@ -5,10 +5,10 @@ import time
 
 from scanmilter import policyfile
 from scanmilter.message import Spool
-from scanmilter.pipeline import DECIDED, Pipeline, scan_pool
+from scanmilter.pipeline import Pipeline, scan_pool
 from scanmilter.policy import Envelope
-from scanmilter.scancache import CACHE_IGNORED_HEADERS, CACHED, Fingerprint, ScanCache
-from scanmilter.scanners import Origin, ScanResult
+from scanmilter.scancache import CACHE_IGNORED_HEADERS, Fingerprint, ScanCache
+from scanmilter.scanners import CACHED, DECIDED, Origin, ScanResult
 
 HAM = ScanResult("spamd", "clean", score=0.1, required=5.0, rules=("NO_RELAYS",))
 CLEAN = ScanResult("clamd", "clean")

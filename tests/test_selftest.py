@@ -6,11 +6,11 @@ import json
 import Milter
 import pytest
 
-from scanmilter import selftest
+from fakes import CLEAN, HAM, Engine, feed, handler
+from scanmilter.commands import selftest
 from scanmilter.handler import STORE_FAILED_REPLY
-from scanmilter.miltertalk import Answer
+from scanmilter.commands.miltertalk import Answer
 from scanmilter.scanners import ScanResult
-from test_handler import CLEAN, HAM, Engine, feed, handler
 
 EICAR = ScanResult("clamd", "found", viruses=("Eicar-Test-Signature",))
 GTUBE = ScanResult("spamd", "found", score=1002.3, required=5.0, rules=("GTUBE", "KHOP_HELO_FCRDNS"))

@@ -10,8 +10,11 @@ import time
 
 import pytest
 
+import procs
 import stack as stacklib
-from conftest import ROOT, scratch
+from conftest import ROOT, new_stack
+from scanmilter.config import toml_value
+from support import GTUBE
 
 TRIVIAL_MILTER = ROOT / "tools" / "trivial_milter.py"
 
@@ -21,7 +24,9 @@ def test_eicar_is_built_at_run_time():
 
 
 def test_toml_values():
-    assert [stacklib._toml(v) for v in (True, 3, 0.5, 'a"b')] == ["true", "3", "0.5", '"a\\"b"']
+    """The stack writes scanmilter's settings with the product's own toml_value."""
+    assert stacklib.toml_value is toml_value
+    assert [toml_value(v) for v in (True, 3, 0.5, 'a"b')] == ["true", "3", "0.5", '"a\\"b"']
 
 
 def test_parse_sink_dump(tmp_path):
@@ -30,7 +35,7 @@ def test_parse_sink_dump(tmp_path):
                      b"X-Rcpt-Args: <b@example.com> ORCPT=rfc822;b@example.com\nX-Rcpt-Args: <c@example.com>\n"
                      b"Received: from h ([127.0.0.1])\n\tby smtp-sink (smtp-sink) with ESMTP id abcd;\n"
                      b"\tThu, 1 Jan 2026 00:00:00 +0000 (UTC)\nSubject: hi\n\nbody\n\n")
-    d = stacklib._parse_dump(dump)
+    d = stacklib.parse_dump(dump)
     assert (d.sender, d.recipients, d.data) == ("a@x.test", ["b@example.com", "c@example.com"],
                                                 b"Subject: hi\n\nbody\n")
 
@@ -38,9 +43,7 @@ def test_parse_sink_dump(tmp_path):
 @pytest.mark.integration
 def test_stack_end_to_end_with_a_trivial_milter():
     pytest.importorskip("Milter")
-    root = scratch("scanmilter-stack-")
-    s = stacklib.Stack(root, smtp_port=stacklib.free_port(),
-                       milter_cmd=[sys.executable, str(TRIVIAL_MILTER), "{socket}"])
+    s = new_stack("stack", milter_cmd=[sys.executable, str(TRIVIAL_MILTER), "{socket}"])
     msg = b"From: a@outside.test\r\nTo: b@example.com\r\nSubject: hello\r\n\r\nbody\r\n.dot\r\n"
     try:
         s.start()
@@ -53,15 +56,14 @@ def test_stack_end_to_end_with_a_trivial_milter():
         # clamd finds EICAR in a MIME attachment; spamd scores GTUBE ~1000, our test rule 8, ham ~0
         mime = (b"From: a@outside.test\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=B\n\n--B\nContent-Type: application/octet-stream\n"
                 b"Content-Transfer-Encoding: base64\n\n" + base64.encodebytes(stacklib.eicar()) + b"--B--\n")
-        reply = stacklib._chat(s.clamd_socket, b"zINSTREAM\0" + struct.pack("!L", len(mime)) + mime + b"\0" * 4)
+        reply = procs.chat(s.clamd_socket, b"zINSTREAM\0" + struct.pack("!L", len(mime)) + mime + b"\0" * 4)
         assert reply == b"stream: Eicar-Test-Signature.UNOFFICIAL FOUND\0"
-        gtube = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
-        for subject, text, low, high in (("scanmilter-tag-test", "hello", 5, 15), ("hello", gtube, 900, 1100),
+        for subject, text, low, high in (("scanmilter-tag-test", "hello", 5, 15), ("hello", GTUBE, 900, 1100),
                                          ("hello", "hello", -2, 2)):
             body = (f"From: a@outside.test\r\nTo: b@example.com\r\nSubject: {subject}\r\n"
                     f"Date: {email.utils.formatdate()}\r\nMessage-ID: <{time.time()}@outside.test>\r\n"
                     f"\r\n{text}, a few words of ordinary text\r\n").encode()
-            reply = stacklib._chat(s.spamd_port, b"CHECK SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(body) + body)
+            reply = procs.chat(s.spamd_port, b"CHECK SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(body) + body)
             score = float(reply.split(b"; ")[1].split(b" /")[0])
             assert low < score < high, reply
         s.stop_service("sink")      # mail waits in the queue, then arrives after the sink is back
@@ -74,4 +76,4 @@ def test_stack_end_to_end_with_a_trivial_milter():
     assert all(not alive for pids in s.status().values() for _, alive in pids)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", s.smtp_port), timeout=1)
-    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(s.root, ignore_errors=True)

@@ -14,8 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 import stack as stacklib  # noqa: E402
-
-GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+from scanmilter.scanners.spamd import GTUBE  # noqa: E402  (stack.py puts milter/ on sys.path)
 OUTSIDE = "203.0.113.7"
 # The demo's policy: spam from 6 up is held (the shipped default holds nothing). The stack's spamd
 # has a local rule, SCANMILTER_TAG_TEST, that scores 8.0 for "scanmilter-tag-test" in the Subject:

@@ -13,16 +13,19 @@ Everything lives under one directory DIR (absolute path) and listens on 127.0.0.
               --debian-master Debian's packaged master.cf (smtpd and cleanup chrooted in the queue
               directory, DIR/postfix/queue, which then holds the milter socket as well)
 
-Every process is recorded in DIR/run/NAME.pid ("pid starttime" per line) and stopped by pid:
-SIGTERM, wait (reading /proc/PID/stat, since zombies linger), then SIGKILL after a bounded wait.
+Every process is started through tools/procs.py, recorded in DIR/run/NAME.pid ("pid starttime"
+per line) and stopped by pid: SIGTERM, wait (reading /proc/PID/stat, since zombies linger), then
+SIGKILL after a bounded wait.
 The postfix and debian-spamd users must be able to reach DIR: every parent directory must be
 world-searchable (pytest's tmp_path under /tmp/pytest-of-root, mode 0700, is not; use mkdtemp).
 
 Command line:  python tools/stack.py up|down|status --dir DIR [--smtp-port N] [--debian-master]
 """
-import argparse, dataclasses, email, email.policy, json, os, pwd, shutil, signal
+import argparse, dataclasses, email, email.policy, json, os, pwd, shutil
 import shlex, smtplib, socket, subprocess, sys, time
 from pathlib import Path
+
+import procs
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = ("clamd", "spamd", "sink", "scanmilter", "postfix")  # start order
@@ -30,7 +33,8 @@ STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL (libmilter notices sh
 DEBIAN_MASTER_CF = Path("/usr/share/postfix/master.cf.dist")          # Debian installs it as master.cf
 DEBIAN_CONFIGURE_INSTANCE = Path("/usr/lib/postfix/configure-instance.sh")  # fills the chroot
 sys.path.insert(0, str(REPO / "milter"))
-from scanmilter.selftest import eicar  # noqa: E402  (one place builds the EICAR string at run time)
+from scanmilter.config import toml_value  # noqa: E402
+from scanmilter.commands.selftest import eicar  # noqa: E402  (one place builds the EICAR string at run time)
 
 
 def free_port() -> int:
@@ -40,7 +44,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class StackError(RuntimeError):
+class StackError(procs.ProcsError):
     pass
 
 
@@ -57,85 +61,94 @@ class Delivery:
         return email.message_from_bytes(self.data, policy=email.policy.default)
 
 
-# ---------------------------------------------------------------- process helpers
-def _proc_stat(pid):
-    """(state, starttime) of a process from /proc/PID/stat, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()  # the comm field may hold spaces
-        return rest[0], rest[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid, starttime=None):
-    st = _proc_stat(pid)
-    return bool(st) and st[0] not in "ZX" and (starttime is None or st[1] == starttime)
-
-
-def _stop_pids(entries, timeout=STOP_TIMEOUT, reap=()):
-    """SIGTERM every live (pid, starttime), wait, SIGKILL the process group of any left over."""
-    live = [(p, s) for p, s in entries if _alive(p, s)]
-    groups = set()
-    for pid, _ in live:
-        try:
-            if os.getpgid(pid) == pid:  # we start everything in its own session
-                groups.add(pid)
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        if sig == signal.SIGKILL:
-            for pid, s in live:
-                if _alive(pid, s):
-                    _signal(pid, sig, pid in groups)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            for proc in reap:
-                proc.poll()  # reap our own children so they do not stay zombies
-            if not any(_alive(p, s) for p, s in live):
-                break
-            time.sleep(0.05)
-    for pid in groups:  # sweep stragglers (spamd or Postfix children) of dead leaders
-        _signal(pid, signal.SIGKILL, True)
-    return [p for p, s in live if _alive(p, s)]
-
-
-def _signal(pid, sig, group):
-    try:
-        os.killpg(pid, sig) if group else os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _tail(path, lines=25):
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _bin(name):
-    path = os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin:/bin"
-    found = shutil.which(name, path=path)
-    if not found:
-        raise StackError(f"{name} not found in {path}")
-    return found
-
-
-def _toml(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
+# ---------------------------------------------------------------- helpers
 def _chown(path, user):
     pw = pwd.getpwnam(user)
     os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+def write_settings(path, settings: dict) -> None:
+    """A scanmilter configuration file: one `name = value` line per setting."""
+    Path(path).write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items()))
+
+
+SPAMD_LOCAL_CF = """\
+bayes_auto_learn 0
+skip_rbl_checks 1
+dns_available no
+report_safe 0
+header   SCANMILTER_TAG_TEST Subject =~ /scanmilter-tag-test/
+describe SCANMILTER_TAG_TEST scanmilter test rule, tags without reaching reject
+score    SCANMILTER_TAG_TEST 8.0
+header   SCANMILTER_RELAY_TEST X-Spam-Relays-Untrusted =~ /^\\[ ip=203\\.0\\.113\\.7 /
+describe SCANMILTER_RELAY_TEST scanmilter test rule: spamd sees the outside test client as the first relay
+score    SCANMILTER_RELAY_TEST 0.001
+"""
+
+# main.cf of the private Postfix; {relay}, {milter} and the directories are filled in
+POSTFIX_MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {queue_dir}
+data_directory = {data_dir}
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = /dev/stdout
+myhostname = scanmilter.test
+mydomain = scanmilter.test
+myorigin = $myhostname
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+biff = no
+append_dot_mydomain = no
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relay_domains = example.com
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_authorized_xclient_hosts = 127.0.0.0/8
+smtpd_peername_lookup = no
+default_transport = {relay}
+relay_transport = {relay}
+smtp_dns_support_level = disabled
+# deliver long lines as they came: the tests compare bodies byte for byte
+smtp_line_length_limit = 0
+smtp_host_lookup = native
+smtputf8_enable = no
+message_size_limit = 104857600
+mailbox_size_limit = 0
+virtual_mailbox_limit = 0
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+smtpd_milters = {milter}
+non_smtpd_milters = {milter}
+milter_default_action = tempfail
+milter_protocol = 6
+milter_connect_macros = {connect_macros}
+milter_helo_macros = {{tls_version}} {{cipher}} {{cipher_bits}} {{cert_subject}} {{cert_issuer}}
+milter_mail_macros = i {{auth_type}} {{auth_authen}} {{auth_author}} {{mail_addr}} {{mail_host}} {{mail_mailer}}
+milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
+"""
+MILTER_CONNECT_MACROS = "j {daemon_name} {daemon_addr} v _ {client_addr} {client_name} {client_port}"
+
+# master.cf of the private Postfix (name type private unpriv chroot wakeup maxproc command): chroot
+# always off; {smtp_port} and {release_port} are filled in
+POSTFIX_SERVICES = (
+    "127.0.0.1:{smtp_port} inet n - n - - smtpd",
+    "127.0.0.1:{release_port} inet n - n - - smtpd -o smtpd_milters= -o non_smtpd_milters="
+    " -o smtputf8_enable=yes",  # quarantine releases of mail with UTF-8 addresses
+    "pickup unix n - n 60 1 pickup",
+    "cleanup unix n - n - 0 cleanup", "qmgr unix n - n 300 1 qmgr",
+    "rewrite unix - - n - - trivial-rewrite", "bounce unix - - n - 0 bounce",
+    "defer unix - - n - 0 bounce", "trace unix - - n - 0 bounce", "verify unix - - n - 1 verify",
+    "flush unix n - n 1000? 0 flush", "proxymap unix - - n - - proxymap",
+    "proxywrite unix - - n - 1 proxymap", "smtp unix - - n - - smtp", "relay unix - - n - - smtp",
+    "showq unix n - n - - showq", "error unix - - n - - error", "retry unix - - n - - error",
+    "discard unix - - n - - discard", "anvil unix - - n - 1 anvil", "scache unix - - n - 1 scache",
+    "postlog unix-dgram n - n - 1 postlogd")
 
 
 # ---------------------------------------------------------------- the stack
@@ -143,7 +156,7 @@ class Stack:
     def __init__(self, root, *, smtp_port=2525, with_milter=True, milter_cmd=None,
                  scanmilter_settings=None, policy_text=None, spamd_children=2, clamd_settings=None,
                  milter_inet_port=None, spamd_learning=False, debian_master=False, queue_dir=None,
-                 milter_socket=None, postfix_settings=None, before_start=None):
+                 milter_socket=None, postfix_settings=None, before_start=None, quarantine=False):
         self.root = Path(root).resolve()
         self.smtp_port, self.with_milter, self.spamd_children = smtp_port, with_milter, spamd_children
         self.milter_cmd = milter_cmd  # list of str; "{socket}", "{config}", "{root}" are filled in
@@ -151,6 +164,8 @@ class Stack:
         self.clamd_settings = dict(clamd_settings or {})
         self.policy_text = policy_text
         self.spamd_learning = spamd_learning   # Bayes on and TELL allowed (quarantine learning tests)
+        # quarantine: scanmilter keeps held mail in DIR/quarantine
+        self.quarantine_dir = self.root / "quarantine" if quarantine else None
         self.sink_port, self.spamd_port, self.clamd_port = free_port(), free_port(), free_port()
         # quarantine releases re-inject here: an smtpd without milters, as the README documents
         self.release_port = free_port()
@@ -191,6 +206,13 @@ class Stack:
 
     # ------------------------------------------------------------ configuration files
     def _write_configs(self):
+        self._make_directories()
+        self._write_clamd()
+        self._write_spamd()
+        self._write_scanmilter()
+        self._write_postfix()
+
+    def _make_directories(self):
         r = self.root
         r.mkdir(parents=True, exist_ok=True)
         os.chmod(r, 0o755)  # mkdtemp makes 0700
@@ -208,8 +230,10 @@ class Stack:
         _chown(r / "delivered", "postfix")
         _chown(r / "spamd/home", "debian-spamd")
 
-        # clamd: a one-signature database, the signature's hex made by sigtool
-        hexsig = subprocess.run([_bin("sigtool"), "--hex-dump"], input=eicar(), capture_output=True,
+    def _write_clamd(self):
+        """A one-signature database, the signature's hex made by sigtool, and clamd.conf."""
+        r = self.root
+        hexsig = subprocess.run([procs.binary("sigtool"), "--hex-dump"], input=eicar(), capture_output=True,
                                 check=True).stdout.decode().strip()
         (r / "clamd/db/scanmilter-test.ndb").write_text(f"Eicar-Test-Signature:0:*:{hexsig}\n")
         clamd = {"Foreground": "yes", "LocalSocket": self.clamd_socket, "LocalSocketMode": "666",
@@ -222,105 +246,46 @@ class Stack:
         # no "User": run as root clamd stays root, which can read anything under DIR
         (r / "clamd/clamd.conf").write_text("".join(f"{k} {v}\n" for k, v in clamd.items()))
 
-        # spamd: Debian's .pre files (they load the plugins, Check among them) + our local.cf;
-        # Razor2/Pyzor/DCC and DNS tests are off through spamd --local
+    def _write_spamd(self):
+        """Debian's .pre files (they load the plugins, Check among them) + our local.cf;
+        Razor2/Pyzor/DCC and DNS tests are off through spamd --local."""
+        r = self.root
         site = r / "spamd/site"
         for pre in Path("/etc/spamassassin").glob("*.pre"):
             shutil.copy(pre, site / pre.name)
         bayes = f"use_bayes 1\nbayes_path {r}/spamd/home/bayes/bayes\n" if self.spamd_learning else "use_bayes 0\n"
-        (site / "local.cf").write_text(bayes + """\
-bayes_auto_learn 0
-skip_rbl_checks 1
-dns_available no
-report_safe 0
-header   SCANMILTER_TAG_TEST Subject =~ /scanmilter-tag-test/
-describe SCANMILTER_TAG_TEST scanmilter test rule, tags without reaching reject
-score    SCANMILTER_TAG_TEST 8.0
-header   SCANMILTER_RELAY_TEST X-Spam-Relays-Untrusted =~ /^\\[ ip=203\\.0\\.113\\.7 /
-describe SCANMILTER_RELAY_TEST scanmilter test rule: spamd sees the outside test client as the first relay
-score    SCANMILTER_RELAY_TEST 0.001
-""")
+        (site / "local.cf").write_text(bayes + SPAMD_LOCAL_CF)
 
-        # scanmilter
+    def engine_settings(self) -> dict:
+        """The scanmilter settings that reach this stack's clamd, spamd and release smtpd."""
+        return {"clamd_socket": f"unix:{self.clamd_socket}",
+                "spamd_socket": f"inet:127.0.0.1:{self.spamd_port}",
+                "quarantine_release_address": f"inet:127.0.0.1:{self.release_port}"}
+
+    def _write_scanmilter(self):
         settings = {"milter_socket": self.milter_address, "milter_socket_mode": "0666",
-                    "clamd_socket": f"unix:{self.clamd_socket}",
-                    "spamd_socket": f"inet:127.0.0.1:{self.spamd_port}",
-                    "quarantine_release_address": f"inet:127.0.0.1:{self.release_port}",
-                    "metrics_address": f"127.0.0.1:{self.metrics_port}"}
+                    **self.engine_settings(), "metrics_address": f"127.0.0.1:{self.metrics_port}"}
+        if self.quarantine_dir:
+            settings["quarantine_directory"] = str(self.quarantine_dir)
         if self.policy_text is not None:
-            policy = r / "scanmilter/policy.toml"
+            policy = self.root / "scanmilter/policy.toml"
             policy.write_text(self.policy_text)
             settings["policy_file"] = str(policy)
         settings.update(self.scanmilter_settings)
-        self.milter_config.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()))
+        write_settings(self.milter_config, settings)
 
-        # postfix
-        milter = self.postfix_milter if self.with_milter else ""
-        relay = f"smtp:[127.0.0.1]:{self.sink_port}"
-        main = f"""\
-compatibility_level = 3.6
-queue_directory = {self.queue_dir}
-data_directory = {r / "postfix/data"}
-mail_owner = postfix
-setgid_group = postdrop
-maillog_file = /dev/stdout
-myhostname = scanmilter.test
-mydomain = scanmilter.test
-myorigin = $myhostname
-mydestination =
-local_recipient_maps =
-alias_maps =
-alias_database =
-biff = no
-append_dot_mydomain = no
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relay_domains = example.com
-smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
-smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
-smtpd_authorized_xclient_hosts = 127.0.0.0/8
-smtpd_peername_lookup = no
-default_transport = {relay}
-relay_transport = {relay}
-smtp_dns_support_level = disabled
-# deliver long lines as they came: the tests compare bodies byte for byte
-smtp_line_length_limit = 0
-smtp_host_lookup = native
-smtputf8_enable = no
-message_size_limit = 104857600
-mailbox_size_limit = 0
-virtual_mailbox_limit = 0
-queue_run_delay = 1s
-minimal_backoff_time = 1s
-maximal_backoff_time = 2s
-smtpd_milters = {milter}
-non_smtpd_milters = {milter}
-milter_default_action = tempfail
-milter_protocol = 6
-milter_connect_macros = j {{daemon_name}} {{daemon_addr}} v _ {{client_addr}} {{client_name}} {{client_port}}
-milter_helo_macros = {{tls_version}} {{cipher}} {{cipher_bits}} {{cert_subject}} {{cert_issuer}}
-milter_mail_macros = i {{auth_type}} {{auth_authen}} {{auth_author}} {{mail_addr}} {{mail_host}} {{mail_mailer}}
-milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
-"""
-        services = [  # name type private unpriv chroot wakeup maxproc command; chroot always off
-            f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd",
-            f"127.0.0.1:{self.release_port} inet n - n - - smtpd -o smtpd_milters= -o non_smtpd_milters="
-            " -o smtputf8_enable=yes",  # quarantine releases of mail with UTF-8 addresses
-            "pickup unix n - n 60 1 pickup",
-            "cleanup unix n - n - 0 cleanup", "qmgr unix n - n 300 1 qmgr",
-            "rewrite unix - - n - - trivial-rewrite", "bounce unix - - n - 0 bounce",
-            "defer unix - - n - 0 bounce", "trace unix - - n - 0 bounce", "verify unix - - n - 1 verify",
-            "flush unix n - n 1000? 0 flush", "proxymap unix - - n - - proxymap",
-            "proxywrite unix - - n - 1 proxymap", "smtp unix - - n - - smtp", "relay unix - - n - - smtp",
-            "showq unix n - n - - showq", "error unix - - n - - error", "retry unix - - n - - error",
-            "discard unix - - n - - discard", "anvil unix - - n - 1 anvil", "scache unix - - n - 1 scache",
-            "postlog unix-dgram n - n - 1 postlogd"]
-        if self.debian_master:
-            services = self._debian_services()
+    def _write_postfix(self):
+        main = POSTFIX_MAIN_CF.format(queue_dir=self.queue_dir, data_dir=self.root / "postfix/data",
+                                      relay=f"smtp:[127.0.0.1]:{self.sink_port}",
+                                      milter=self.postfix_milter if self.with_milter else "",
+                                      connect_macros=MILTER_CONNECT_MACROS)
         for name, value in self.postfix_settings.items():
             main = "".join(ln for ln in main.splitlines(True) if ln.partition("=")[0].strip() != name)
             main += f"{name} = {value}\n"
+        if self.debian_master:
+            services = self._debian_services()
+        else:
+            services = [s.format(smtp_port=self.smtp_port, release_port=self.release_port) for s in POSTFIX_SERVICES]
         (self.postfix_conf / "main.cf").write_text(main)
         (self.postfix_conf / "master.cf").write_text("\n".join(services) + "\n")
         if self.debian_master:
@@ -350,38 +315,38 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
     def _command(self, name):
         r = self.root
         if name == "clamd":
-            return [_bin("clamd"), "-c", str(r / "clamd/clamd.conf")]
+            return [procs.binary("clamd"), "-c", str(r / "clamd/clamd.conf")]
         if name == "spamd":
-            return [_bin("spamd"), "--local", "-4", "-i", "127.0.0.1", "-p", str(self.spamd_port),
+            return [procs.binary("spamd"), "--local", "-4", "-i", "127.0.0.1", "-p", str(self.spamd_port),
                     "-A", "127.0.0.1", "-m", str(self.spamd_children), "-u", "debian-spamd",
                     "--nouser-config", "-H", str(r / "spamd/home"), "--siteconfigpath", str(r / "spamd/site"),
                     "-r", str(r / "spamd/spamd.pid"), "-s", str(self.logs["spamd"])] \
                 + (["--allow-tell"] if self.spamd_learning else [])
         if name == "sink":
-            return [_bin("smtp-sink"), "-u", "postfix", "-d", f"{self.delivered_dir}/%Y%m%d%H%M%S.",
+            return [procs.binary("smtp-sink"), "-u", "postfix", "-d", f"{self.delivered_dir}/%Y%m%d%H%M%S.",
                     f"127.0.0.1:{self.sink_port}", "256"]
         if name == "scanmilter":
             cmd = self.milter_cmd or [sys.executable, "-m", "scanmilter", "serve", "-c", "{config}"]
             return [a.format(socket=self.milter_address, config=self.milter_config, root=r)
                     for a in cmd]
         if name == "postfix":
-            return [_bin("postfix"), "-c", str(self.postfix_conf), "start-fg"]
+            return [procs.binary("postfix"), "-c", str(self.postfix_conf), "start-fg"]
         raise ValueError(f"unknown service {name!r}")
 
     def _pidfile(self, name):
-        return self.run_dir / f"{name}.pid"
+        return procs.PidFile(self.run_dir / f"{name}.pid")
 
-    def _record(self, name, pid):
-        st = _proc_stat(pid)
-        with open(self._pidfile(name), "a") as f:
-            f.write(f"{pid} {st[1] if st else 0}\n")
+    def pids(self, name):
+        """[(pid, starttime)] of a service as recorded in its pid file (Postfix: also its master)."""
+        return self._pidfile(name).entries()
 
-    def _pids(self, name):
-        try:
-            lines = self._pidfile(name).read_text().split("\n")
-        except OSError:
-            return []
-        return [(int(p), s) for p, s in (ln.split() for ln in lines if ln.strip())]
+    def process(self, name):
+        """The subprocess.Popen of a service this Stack object started last."""
+        return self._procs[name]
+
+    def postfix_master_pid(self):
+        """The pid Postfix's master wrote into the queue directory."""
+        return int((self.queue_dir / "pid/master.pid").read_text().split()[0])
 
     def _spawn(self, name):
         if name == "scanmilter":
@@ -389,13 +354,9 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
         env = dict(os.environ)
         if name == "scanmilter" and not self.milter_cmd:
             env["PYTHONPATH"] = str(REPO / "milter")      # the checkout's scanmilter, not an installed one
-        with open(self._outfile(name), "ab") as log:
-            proc = subprocess.Popen(self._command(name), stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=self.root / name, env=env,
-                                    start_new_session=True)
-        self._procs[name] = proc
-        self._pidfile(name).unlink(missing_ok=True)
-        self._record(name, proc.pid)
+        self._pidfile(name).remove()
+        self._procs[name] = procs.start(self._command(name), self._outfile(name), self.root / name,
+                                        self._pidfile(name), env=env)
 
     def _outfile(self, name):
         """Where stdout+stderr go: clamd and spamd copy their log there, so keep it apart."""
@@ -403,7 +364,7 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
 
     def _tails(self, name):
         files = dict.fromkeys([self.logs[name], self._outfile(name)])
-        return "".join(f"\n{f}:\n{_tail(f)}" for f in files)
+        return "".join(f"\n{f}:\n{procs.tail(f)}" for f in files)
 
     def _ready(self, name):
         """True once the service answers; raises StackError if its process died."""
@@ -412,35 +373,35 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
             raise StackError(f"{name} exited with status {proc.returncode};{self._tails(name)}")
         try:
             if name == "clamd":
-                return (_chat(self.clamd_socket, b"zPING\0") or b"").startswith(b"PONG")
+                return (procs.chat(self.clamd_socket, b"zPING\0") or b"").startswith(b"PONG")
             if name == "spamd":
-                return b"SPAMD/1.5 0 PONG" in (_chat(self.spamd_port, b"PING SPAMC/1.5\r\n\r\n") or b"")
+                return b"SPAMD/1.5 0 PONG" in (procs.chat(self.spamd_port, b"PING SPAMC/1.5\r\n\r\n") or b"")
             if name == "scanmilter":
-                where = self.milter_inet_port or self.milter_socket
-                return _chat(where, read=False) is not None
+                return procs.accepts(self.milter_inet_port or self.milter_socket)
             if name == "sink":
-                return (_chat(self.sink_port) or b"").startswith(b"220")
+                return (procs.chat(self.sink_port) or b"").startswith(b"220")
             if name == "postfix":
-                if not (_chat(self.smtp_port) or b"").startswith(b"220"):
+                if not (procs.chat(self.smtp_port) or b"").startswith(b"220"):
                     return False
                 # start-fg runs master as a child of a shell: record master's pid too
-                master = int((self.queue_dir / "pid/master.pid").read_text().split()[0])
-                if not _alive(master):
+                master = self.postfix_master_pid()
+                if not procs.alive(master):
                     return False  # still the pid file of a master stopped before
-                if master not in [p for p, _ in self._pids("postfix")]:
-                    self._record("postfix", master)
+                if master not in [p for p, _ in self.pids("postfix")]:
+                    self._pidfile("postfix").record(master)
                 return True
         except (OSError, ValueError, IndexError):
             return False
 
     def _wait_ready(self, names, timeout=60):
-        deadline, pending = time.monotonic() + timeout, list(names)
-        while pending:
-            pending = [n for n in pending if not self._ready(n)]
-            if pending and time.monotonic() > deadline:
-                raise StackError(f"{', '.join(pending)} not ready after {timeout}s;"
-                                 + "".join(self._tails(n) for n in pending))
-            time.sleep(0.05)
+        pending = list(names)
+
+        def ready():
+            pending[:] = [n for n in pending if not self._ready(n)]
+            return not pending
+        if not procs.wait_until(ready, timeout):
+            raise StackError(f"{', '.join(pending)} not ready after {timeout}s;"
+                             + "".join(self._tails(n) for n in pending))
 
     def start_service(self, name, timeout=60):
         self.stop_service(name)
@@ -448,17 +409,17 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
         self._wait_ready([name], timeout)
 
     def stop_service(self, name, timeout=STOP_TIMEOUT):
-        left = _stop_pids(self._pids(name), timeout, reap=[p for p in [self._procs.get(name)] if p])
+        left = procs.stop(self.pids(name), timeout, reap=[p for p in [self._procs.get(name)] if p])
         if left:
             raise StackError(f"{name}: pids {left} survived SIGKILL")
-        self._pidfile(name).unlink(missing_ok=True)
+        self._pidfile(name).remove()
 
     # ------------------------------------------------------------ the whole stack
     def start(self):
         """Stop any stack left running in this directory, then start all and wait until ready."""
         t0 = time.monotonic()
         self.stop()
-        if _chat(self.smtp_port, read=False) is not None:
+        if procs.accepts(self.smtp_port):
             raise StackError(f"port 127.0.0.1:{self.smtp_port} is in use by another program")
         for d in (self.delivered_dir, self.queue_dir):  # a fresh start: no old mail
             shutil.rmtree(d, ignore_errors=True)
@@ -483,17 +444,17 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
 
     def stop(self):
         """Stop everything recorded under DIR/run, all at once."""
-        entries = [e for n in SERVICES for e in self._pids(n)]
-        left = _stop_pids(entries, reap=list(self._procs.values()))
+        entries = [e for n in SERVICES for e in self.pids(n)]
+        left = procs.stop(entries, STOP_TIMEOUT, reap=list(self._procs.values()))
         for name in SERVICES:
-            self._pidfile(name).unlink(missing_ok=True)
+            self._pidfile(name).remove()
         (self.run_dir / "stack.json").unlink(missing_ok=True)
         if left:
             raise StackError(f"pids {left} survived SIGKILL")
 
     def status(self):
         """{service: [(pid, alive)]} from the pid files."""
-        return {n: [(p, _alive(p, s)) for p, s in self._pids(n)] for n in SERVICES}
+        return {n: [(p, procs.alive(p, s)) for p, s in self.pids(n)] for n in SERVICES}
 
     def describe(self):
         return {"root": str(self.root), "smtp": f"127.0.0.1:{self.smtp_port}",
@@ -546,7 +507,7 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
     def _open_dumps(self):
         """Dump files the sink still has open (mail in progress)."""
         open_files = set()
-        for pid, _ in self._pids("sink"):
+        for pid, _ in self.pids("sink"):
             try:
                 for fd in os.listdir(f"/proc/{pid}/fd"):
                     open_files.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
@@ -562,7 +523,7 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
         busy = self._open_dumps()
         paths = [p for p in paths if str(p) not in busy]
         paths.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
-        return [_parse_dump(p) for p in paths]
+        return [parse_dump(p) for p in paths]
 
     def wait_delivered(self, count, timeout=30):
         deadline = time.monotonic() + timeout
@@ -572,14 +533,14 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
                 return got
             if time.monotonic() > deadline:
                 raise StackError(f"{len(got)} of {count} messages delivered after {timeout}s; "
-                                 f"postfix log:\n{_tail(self.logs['postfix'])}")
+                                 f"postfix log:\n{procs.tail(self.logs['postfix'])}")
             time.sleep(0.1)
 
     def postfix_log(self):
         return self.logs["postfix"].read_text(errors="replace")
 
     def flush(self):
-        subprocess.run([_bin("postqueue"), "-c", str(self.postfix_conf), "-f"], check=True)
+        subprocess.run([procs.binary("postqueue"), "-c", str(self.postfix_conf), "-f"], check=True)
 
     def queue_empty(self):
         for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
@@ -612,14 +573,12 @@ milter_rcpt_macros = i {{rcpt_addr}} {{rcpt_host}} {{rcpt_mailer}}
         deadline = time.monotonic() + timeout
         if logged is not None:
             self.wait_logged(logged, timeout=timeout)
-        while not self.drained():
-            if time.monotonic() > deadline:
-                raise StackError(f"Postfix queue not empty after {timeout}s; postfix log:\n"
-                                 f"{_tail(self.logs['postfix'])}")
-            time.sleep(0.05)
+        if not procs.wait_until(self.drained, deadline - time.monotonic()):
+            raise StackError(f"Postfix queue not empty after {timeout}s; postfix log:\n"
+                             f"{procs.tail(self.logs['postfix'])}")
 
 
-def _parse_dump(path):
+def parse_dump(path):
     """smtp-sink's dump: X-Client-*/X-Mail-Args/X-Rcpt-Args, a 3-line Received:, the message, ""."""
     raw = path.read_bytes()
     fields, pos, in_received = {}, 0, False
@@ -643,25 +602,6 @@ def _parse_dump(path):
     return Delivery(path=path, sender=addr(fields.get("X-Mail-Args", [""])[0]),
                     recipients=[addr(a) for a in fields.get("X-Rcpt-Args", [])],
                     data=data, client_addr=fields.get("X-Client-Addr", [""])[0])
-
-
-def _chat(addr, request=None, read=True, timeout=2.0):
-    """Connect to a unix socket (path) or 127.0.0.1:addr (int); None if that fails. With a request:
-    send it and return the reply up to close; else return the greeting (read) or b"" (not read)."""
-    unix = not isinstance(addr, int)
-    try:
-        with socket.socket(socket.AF_UNIX if unix else socket.AF_INET) as s:
-            s.settimeout(timeout)
-            s.connect(str(addr) if unix else ("127.0.0.1", addr))
-            if request is None:
-                return s.recv(4096) if read else b""
-            s.sendall(request)
-            chunks = []
-            while chunk := s.recv(4096):
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except OSError:
-        return None
 
 
 def main(argv=None):
@@ -691,7 +631,7 @@ def main(argv=None):
                 print(info.read_text())
             for name, pids in stack.status().items():
                 print(f"{name:11} " + (" ".join(f"{p}:{'alive' if a else 'dead'}" for p, a in pids) or "-"))
-    except StackError as e:
+    except procs.ProcsError as e:
         print(f"stack {args.action} failed: {e}", file=sys.stderr)
         return 1
     return 0

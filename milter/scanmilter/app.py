@@ -1,8 +1,16 @@
-"""Process lifecycle: settings, logging, engines, the milter loop, reload and a bounded shutdown.
+"""The daemon's lifecycle: settings, logging, metrics, the milter loop, reload, the periodic
+check and a bounded shutdown. Engines come from scanners.from_settings, the store from
+quarantine.open_store; the operator commands never import this module.
 
 libmilter's own signal thread treats SIGHUP like SIGTERM (it stops). So libmilter runs in a
 thread of its own, where it blocks those signals, while the main thread keeps them and
 handles them in Python: SIGHUP reloads, SIGTERM and SIGINT stop.
+
+SECURITY: trusts its configuration and policy files (root's or the operator's) and the
+process's own environment; a file that does not validate stops start-up, or keeps the old
+configuration on reload. It trusts nothing that arrives over the milter socket: that is the
+handler's business. The milter socket gets milter_socket_mode (Postfix's group), the umask for
+it is set around its creation only, and the metrics endpoint listens where metrics_address says.
 """
 from __future__ import annotations
 
@@ -13,14 +21,12 @@ import sys
 import threading
 import time
 
-from . import __version__, config, logs, policyfile, quarantine, transport
+from . import __version__, config, logs, nodelay, policyfile, quarantine, scanners
 from .logs import log
 from .health import Health
 from .metrics import Metrics
 from .pipeline import Pipeline, scan_pool
 from .scancache import ScanCache
-from .scanners.clamd import ClamdScanner
-from .scanners.spamd import SpamdScanner
 
 DRAIN_POLL = 0.1          # seconds between checks of in-flight messages while draining
 MAIN_LOOP_WAKEUP = 1.0    # seconds: the main thread also wakes this often to notice a dead milter loop
@@ -39,33 +45,10 @@ def check_milter_extension() -> None:
                                  "is shadowing it")
 
 
-def spamd_client(cfg) -> SpamdScanner:
-    return SpamdScanner(config.parse_client_socket(cfg.spamd_socket), cfg.spamd_connect_timeout,
-                        cfg.spamd_timeout, cfg.spamd_size_limit, cfg.spamd_oversize_action, cfg.spamd_user)
-
-
-def build_engines(cfg) -> list:
-    """The engines that are on, slowest first (the calling thread runs the first one)."""
-    engines = []
-    if cfg.spamd_enabled:
-        engines.append(spamd_client(cfg))
-    if cfg.clamd_enabled:
-        engines.append(ClamdScanner(config.parse_client_socket(cfg.clamd_socket), cfg.clamd_connect_timeout,
-                                    cfg.clamd_timeout, cfg.clamd_size_limit))
-    return engines
-
-
 def build_pipeline(cfg, pool, health, metrics) -> Pipeline:
-    return Pipeline(build_engines(cfg), pool, health, metrics,
+    return Pipeline(scanners.from_settings(cfg), pool, health, metrics,
                     ScanCache(cfg.scan_cache_seconds, cfg.scan_cache_entries, cfg.scan_cache_ignored_headers),
                     cfg.clamd_head_start)
-
-
-def load_all(config_path: str | None):
-    """(settings, policy, policy warnings); raises ConfigError."""
-    cfg = config.load(config_path)
-    policy, warnings = policyfile.check(cfg.policy_file, quarantine_available=bool(cfg.quarantine_directory))
-    return cfg, policy, warnings + [f"{cfg.source}: {gap}" for gap in config.size_gaps(cfg)]
 
 
 def with_socket_mode(open_socket, milter_socket: str, mode: int):
@@ -102,10 +85,8 @@ def socket_problem(milter_socket: str) -> str:
 
 
 def open_store(cfg) -> quarantine.Store | None:
-    if not cfg.quarantine_directory:
-        return None
     try:
-        return quarantine.Store(cfg.quarantine_directory)
+        return quarantine.open_store(cfg)
     except quarantine.StoreError as e:
         raise config.ConfigError(f"quarantine_directory: {e}") from None
 
@@ -134,7 +115,7 @@ class Signals:
 
 def serve(config_path: str | None) -> int:
     try:
-        cfg, policy, warnings = load_all(config_path)
+        cfg, policy, warnings = policyfile.load_settings_and_policy(config_path)
         store = open_store(cfg)
         check_milter_extension()
     except config.ConfigError as e:
@@ -167,14 +148,14 @@ def serve(config_path: str | None) -> int:
     runtime = Runtime(cfg, policy, pipeline, store, metrics)
     Milter.factory = lambda: Handler(runtime)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT)
-    if transport.is_tcp(cfg.milter_socket):
+    if nodelay.is_tcp(cfg.milter_socket):
         def opened(count):
             if count:
                 log.info("milter socket is TCP: TCP_NODELAY set, every stage answered")
             else:
                 log.warning("milter socket is TCP but TCP_NODELAY could not be set: expect a 40 ms stall "
                             "per message; a unix socket avoids it")
-        milter.opensocket = transport.set_nodelay_on_new_listeners(milter.opensocket, opened)
+        milter.opensocket = nodelay.set_nodelay_on_new_listeners(milter.opensocket, opened)
     # libmilter creates a unix socket with the process umask. That umask (from milter_socket_mode)
     # is set around the call only: quarantine directories made later, on a reload, must not get it.
     milter.opensocket = with_socket_mode(milter.opensocket, cfg.milter_socket, int(cfg.milter_socket_mode, 8))
@@ -212,8 +193,8 @@ def reload(runtime, config_path: str | None) -> bool:
     """Swap in new settings, engines and policy, or keep the old ones if anything is wrong.
     Messages in flight finish with the policy they started with."""
     try:
-        cfg, policy, warnings = load_all(config_path)
-        store = open_store(cfg) if cfg.quarantine_directory != runtime.cfg.quarantine_directory else runtime.store
+        cfg, policy, warnings = policyfile.load_settings_and_policy(config_path)
+        store = open_store(cfg) if quarantine.location(cfg) != quarantine.location(runtime.cfg) else runtime.store
     except config.ConfigError as e:
         log.error("reload refused, old configuration and policy stay in force: %s", e)
         runtime.metrics.reloads.labels("failed").inc()

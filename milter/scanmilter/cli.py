@@ -1,4 +1,7 @@
-"""Command line: scanmilter serve | check-config | explain | quarantine | selftest. Never imports Milter."""
+"""Command line: scanmilter serve | check-config | explain | quarantine | selftest | postfix-check.
+
+Never imports Milter: only `serve` loads the daemon (app.py), when it is asked for; the operator
+commands live in commands/."""
 from __future__ import annotations
 
 import argparse
@@ -6,19 +9,15 @@ import os
 import signal
 import sys
 
-from . import __version__, config, policyfile, quarantine_cli
+from . import __version__, config, policyfile
+from .commands import quarantine as quarantine_command
+from .commands.postfix_check import CONNECT_TIMEOUT
 from .policy import INBOUND, OUTBOUND
-from .postfix_check import CONNECT_TIMEOUT
 
 
 def _fatal(e: Exception) -> int:
     print(f"scanmilter: fatal: {e}", file=sys.stderr)
     return 1
-
-
-def _load(path):
-    from .app import load_all
-    return load_all(path)
 
 
 def render_policy(policy, only_changed: bool) -> str:
@@ -49,7 +48,7 @@ def render_policy(policy, only_changed: bool) -> str:
 
 def _check_config(args) -> int:
     try:
-        cfg, policy, warnings = _load(args.config)
+        cfg, policy, warnings = policyfile.load_settings_and_policy(args.config)
     except config.ConfigError as e:
         return _fatal(e)
     print(f"# {cfg.source}: OK")
@@ -67,29 +66,29 @@ def _serve(args) -> int:
 
 
 def _postfix_check(args) -> int:
-    from .postfix_check import run
+    from .commands.postfix_check import run
     try:
-        return run(quarantine_cli.config_path(args.config), args.main_cf, args.clamd_conf,
+        return run(quarantine_command.config_path(args.config), args.main_cf, args.clamd_conf,
                    connect=not args.no_connect, timeout=args.timeout)
     except config.ConfigError as e:
         return _fatal(e)
 
 
 def _selftest(args) -> int:
-    from .selftest import run
+    from .commands.selftest import run
     try:
-        address = args.socket or config.load(quarantine_cli.config_path(args.config)).milter_socket
+        address = args.socket or config.load(quarantine_command.config_path(args.config)).milter_socket
     except config.ConfigError as e:
         return _fatal(e)
     return run(address, args.timeout)
 
 
 def _explain(args) -> int:
-    from .app import build_engines
-    from .explain import explain
+    from . import scanners
+    from .commands.explain import explain
     from .policy import Envelope
     try:
-        cfg, policy, warnings = _load(args.config)
+        cfg, policy, warnings = policyfile.load_settings_and_policy(args.config)
         with open(args.message, "rb") as f:
             data = f.read()
     except config.ConfigError as e:
@@ -97,7 +96,8 @@ def _explain(args) -> int:
     except OSError as e:
         return _fatal(f"{args.message}: {e.strerror}")
     envelope = Envelope(args.client_ip, args.auth_user, args.daemon, args.sender, tuple(args.rcpt))
-    print(explain(data, envelope, policy, build_engines(cfg), args.score, tuple(args.virus)))
+    print(explain(data, envelope, policy, scanners.from_settings(cfg), cfg.message_size_limit, args.score,
+                  tuple(args.virus)))
     return 0
 
 
@@ -130,12 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--virus", action="append", default=[], help="pretend clamd found this (repeatable)")
     p.set_defaults(func=_explain)
 
-    quarantine_cli.add_parser(sub)
+    quarantine_command.add_parser(sub)
 
     p = sub.add_parser("postfix-check", help="compare Postfix's and clamd's settings with scanmilter's, and "
                        "check that Postfix can reach the running daemon")
     p.add_argument("-c", "--config", help=f"scanmilter configuration file (default $SCANMILTER_CONFIG or "
-                                          f"{quarantine_cli.DEFAULT_CONFIG})")
+                                          f"{quarantine_command.DEFAULT_CONFIG})")
     p.add_argument("--main-cf", help="a Postfix main.cf to check (default: the running system's, via postconf)")
     p.add_argument("--clamd-conf", default="/etc/clamav/clamd.conf", help="clamd.conf (default %(default)s)")
     p.add_argument("--no-connect", action="store_true",
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("selftest", help="send a clean message, GTUBE and EICAR to a running scanmilter")
     p.add_argument("-c", "--config", help=f"configuration file, whose milter_socket is used (default "
-                                          f"$SCANMILTER_CONFIG or {quarantine_cli.DEFAULT_CONFIG})")
+                                          f"$SCANMILTER_CONFIG or {quarantine_command.DEFAULT_CONFIG})")
     p.add_argument("--socket", help="milter address instead, e.g. unix:/run/scanmilter/scanmilter.sock")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per case (default 60)")
     p.set_defaults(func=_selftest)

@@ -14,7 +14,9 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .policy import VIRUS_ACTIONS
 from .scancache import CACHE_IGNORED_HEADERS
+from .scanners import parse_client_socket
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -123,6 +125,8 @@ DAEMON_SETTINGS = [
             "HOST:PORT of the Prometheus /metrics endpoint; empty: no endpoint"),
     Setting("engine_check_interval", 15.0, "seconds",
             "how often clamd and spamd are pinged (and clamd's database version read) between messages"),
+    Setting("engine_check_timeout", 5.0, "seconds",
+            "how long one of those pings (or version queries) may take, at most the engine's own timeout"),
     Setting("engine_failure_threshold", 3, "count",
             "failures in a row after which an engine is skipped at once (circuit open) instead of waited for"),
     Setting("engine_retry_interval", 10.0, "seconds",
@@ -194,7 +198,7 @@ DIRECTION_SETTINGS = [
     Setting("strip_verdict_headers", True, "switch",
             "remove X-Spam-*, X-Virus-* and X-Quarantine-* headers that arrive with the message"),
     Setting("virus_action", "reject", "choice", "what to do with a message carrying a virus",
-            choices=("reject", "quarantine", "discard", "tag", "tempfail")),
+            choices=VIRUS_ACTIONS),
     Setting("scan_failure_action", "tempfail", "choice",
             "a scanner failed or timed out: tempfail (451 4.7.1, the sender retries) or accept marked unscanned",
             choices=("tempfail", "accept")),
@@ -255,7 +259,6 @@ LISTS_SETTINGS = [
             "allow-listed mail skips the virus scan too (default: viruses are always looked for)"),
 ]
 
-VIRUS_CLASS_ACTIONS = ("reject", "quarantine", "discard", "tag", "tempfail")
 HEADER_REWRITE_ACTIONS = ("add", "remove", "replace")
 
 
@@ -396,16 +399,18 @@ def size_gaps(cfg: Values) -> list[str]:
     return gaps
 
 
-def parse_client_socket(v: str) -> tuple[str, Any]:
-    """"unix:/path" -> ("unix", "/path"); "inet:HOST:PORT" -> ("inet", (host, port))."""
-    kind, _, rest = v.partition(":")
-    if kind == "unix" and rest.startswith("/"):
-        return "unix", rest
-    if kind == "inet":
-        host, _, port = rest.rpartition(":")
-        if host and port.isdigit() and 0 < int(port) < 65536:
-            return "inet", (host.strip("[]"), int(port))
-    raise ValueError('expected "unix:/path" or "inet:HOST:PORT"')
+_DURATION = re.compile(r"(\d+)([smhdw]?)")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(text: str, default_unit: str = "") -> int:
+    """"30d", "12h", "90m", "2w", "45s" -> seconds, as Postfix writes time values; a bare number
+    counts in `default_unit` ("" : a unit is required). ValueError otherwise."""
+    m = _DURATION.fullmatch(text.strip())
+    unit = m and (m.group(2) or default_unit)
+    if not unit:
+        raise ValueError(f"{text!r} is not a duration such as 30d, 12h, 90m or 2w")
+    return int(m.group(1)) * _DURATION_UNITS[unit]
 
 
 def toml_value(v: Any) -> str:

@@ -3,6 +3,14 @@
 One Handler per SMTP connection (libmilter runs each in its own thread); a new Message on
 every MAIL FROM. Callbacks before end of message are no-reply (Postfix does not wait for
 them); an exception there is remembered and answered with our 451 at end of message.
+
+SECURITY: trusts Postfix's macros (queue id, client address and name, SASL login, TLS) as
+far as Postfix itself does: whoever can connect to the milter socket is as trusted as Postfix.
+Everything the client sent (envelope, HELO, headers, body) is untrusted: it is stored byte for
+byte and bounded (message_size_limit, header_count_limit, verdict_header_limit), never parsed
+beyond header names; what goes back into headers is made safe (headers.py), into log lines
+escaped (logs.escape). Any failure is a 451 (the sender retries), never an unscanned accept,
+and a message to be held is answered only once its copy is safe in the store.
 """
 from __future__ import annotations
 
@@ -14,13 +22,14 @@ import time
 import Milter
 
 from . import headers as H
+from . import nodelay
 from . import policy as P
-from . import selftest
-from . import transport
+from .commands import selftest
 from .logs import escape, log, summary
 from .message import Connection, Message, Spool
 from .scanners import Origin, Submission
 from .metrics import Metrics
+from .quarantine import held_meta
 from .verdict import Verdict
 
 INTERNAL_ERROR_REPLY = ("451", "4.7.1", "Internal error in the content filter, please try again later")
@@ -49,7 +58,7 @@ class Runtime:
         self.metrics = metrics if metrics is not None else Metrics()
         self._lock = threading.Lock()
         self.in_flight = 0
-        self.tcp = transport.is_tcp(cfg.milter_socket)   # milter_socket changes only with a restart
+        self.tcp = nodelay.is_tcp(cfg.milter_socket)     # milter_socket changes only with a restart
         self.clamd_db_version: int | None = None          # as last read by the monitor
 
     def begin(self) -> None:
@@ -100,7 +109,7 @@ class Handler(Milter.Base):
     def negotiate(self, opts):
         rc = super().negotiate(opts)
         if self.rt.tcp and rc == Milter.CONTINUE:
-            # every stage received and answered: see transport.py for the stalls this avoids
+            # every stage received and answered: see nodelay.py for the stalls this avoids
             opts[1] = self._protocol = opts[1] & ~TCP_CLEARED_PROTOCOL
         return rc
 
@@ -243,18 +252,19 @@ class Handler(Milter.Base):
             return self._selftest_not_stored(qid, outcome)
         lead = next(d for d in outcome.recipients if d.recipient in outcome.quarantine)
         subject = next((h.text() for h in msg.seen if h.name.lower() == "subject"), "")
-        meta = {"queue_id": msg.queue_id, "sender": msg.sender, "recipients": list(outcome.quarantine),
-                "subject": subject,
-                "all_recipients": list(msg.recipients), "client_address": self.conn.client_address,
-                "client_name": self.conn.client_name, "auth_user": msg.auth_user, "direction": outcome.direction,
-                "reason": lead.reason, "viruses": list(verdict.viruses), "score": verdict.score,
-                "rules": list(verdict.rules), "rule": lead.rule}
+        meta = held_meta(queue_id=msg.queue_id, sender=msg.sender, recipients=list(outcome.quarantine),
+                         subject=subject, all_recipients=list(msg.recipients),
+                         client_address=self.conn.client_address, client_name=self.conn.client_name,
+                         auth_user=msg.auth_user, direction=outcome.direction, reason=lead.reason,
+                         viruses=list(verdict.viruses), score=verdict.score, rules=list(verdict.rules),
+                         rule=lead.rule)
         index_errors: list[Exception] = []
         try:
             with msg.spool.reader() as reader:
                 entry = store.put(reader, meta, index_failed=index_errors.append)
         except Exception as e:     # StoreError, or anything else: never answer before the copy is safe
-            log.error("%s: quarantine store failed: %s: tempfail", qid, escape(str(e)))
+            # with the traceback: a failure that is not the store's own (a bug) must show where it is
+            log.error("%s: quarantine store failed: %s: tempfail", qid, escape(str(e)), exc_info=True)
             self.rt.metrics.quarantine_failures.inc()
             return ""
         self.rt.metrics.quarantine_stored.labels(lead.reason).inc()

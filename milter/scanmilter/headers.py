@@ -151,22 +151,22 @@ def scan_headers(verdict: Verdict, outcome: Outcome) -> list[tuple[str, str]]:
     """X-Virus-Status / X-Spam-Flag / X-Spam-Status for the engines that took part."""
     lead = outcome.headers_from
     headers = []
-    virus = verdict.status_of("clamd")
+    virus = verdict.engine_state("clamd")
     if virus != "absent":
         if verdict.viruses:
             value = "infected (" + ", ".join(verdict.viruses) + ")"
-        elif virus == "clean":
+        elif virus == "scanned":
             value = "clean"
         else:
             value = f"unscanned ({_why(verdict, 'clamd')})"
         headers.append(("X-Virus-Status", value))
-    spam = verdict.status_of("spamd")
-    if spam == "clean" and verdict.score is not None:
+    spam = verdict.engine_state("spamd")
+    if spam == "scanned" and verdict.score is not None:
         if lead.spam_flag:
             headers.append(("X-Spam-Flag", "YES"))
         level = lead.scope.tag_level
         if level == "spamd":
-            level = verdict.spamd_required if verdict.spamd_required is not None else 5.0
+            level = verdict.spam_required()
         tests = ",".join(verdict.rules) or "none"
         headers.append(("X-Spam-Status", f"{'Yes' if lead.spam_flag else 'No'}, score={verdict.score:.1f} "
                                          f"required={float(level):.1f} tests={tests}"))

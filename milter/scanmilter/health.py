@@ -14,6 +14,10 @@ from .scanners import CIRCUIT, ERROR, SKIPPED, ScanResult
 
 
 class Health:
+    """Each engine's state: up or down, failures in a row, and until when its circuit is open.
+    Fed by every scan result (record) and by the periodic check (mark); asked by the pipeline
+    before each scan (is_open). Each change of state is logged once and shown in the metrics."""
+
     def __init__(self, metrics=None, failure_threshold: int = 3, retry_interval: float = 10.0):
         self.metrics = metrics
         self.failure_threshold, self.retry_interval = failure_threshold, retry_interval

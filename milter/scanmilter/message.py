@@ -2,6 +2,12 @@
 
 Nothing here does network I/O. The handler feeds the callbacks' data in; the pipeline
 and the scanners read the spool back out through independent readers.
+
+SECURITY: everything here came from the SMTP client, through Postfix, and is kept as bytes:
+nothing is decoded or interpreted but header names. Memory is bounded by spool_memory_limit
+(the rest goes to an unnamed 0600 file that vanishes with the process) and what is kept by
+message_size_limit, header_count_limit and verdict_header_limit; past a limit the message is
+marked, never cut silently and passed as whole.
 """
 from __future__ import annotations
 

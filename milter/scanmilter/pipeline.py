@@ -8,6 +8,13 @@ Two ways of not scanning at all: a repeat of a recently scanned message takes th
 results from the cache (scancache.py), and clamd gets a head start of clamd_head_start
 seconds so that a message it finds infected, and that policy will refuse whatever its spam
 score, is never sent to spamd, the expensive engine.
+
+SECURITY: the message and its envelope are the sender's; this module only hands the spool to
+the engines and their results to the policy. Results are trusted only as far as the engines'
+own parsing goes (scanners/): an engine that fails, is skipped or misses its deadline yields an
+error or skip result, which the policy never reads as clean. An oversize spool is never scanned
+in part. A cached result is reused only for a message whose every header (but the named ones),
+body and origin are identical (scancache.py).
 """
 from __future__ import annotations
 
@@ -15,24 +22,23 @@ import concurrent.futures
 import time
 from dataclasses import dataclass
 
-from . import policy as policy_mod
+from . import policy as P
 from .health import breaker_result
-from .scancache import CACHED, ScanCache
-from .scanners import ERROR, FOUND, SKIPPED, TIMEOUT, ScanResult, error_kind
+from .scancache import ScanCache
+from .scanners import CACHED, DECIDED, ERROR, FOUND, OVERSIZE, SKIPPED, TIMEOUT, ScanResult, error_kind
 from .verdict import Verdict, combine
 
 # Time the pipeline grants past an engine's own timeout before giving up on its thread
 # (the engine's socket timeouts end the thread itself shortly after).
 DEADLINE_GRACE = 1.0
 HEAD_START_ENGINE = "clamd"     # the quick engine whose verdict can make the others needless
-DECIDED = "decided"             # skip reason: the verdict was final without this engine
 
 
 @dataclass(frozen=True)
 class Inspection:
     results: tuple[ScanResult, ...]
     verdict: Verdict
-    outcome: policy_mod.Outcome
+    outcome: P.Outcome
     seconds: float
 
 
@@ -42,6 +48,11 @@ def scan_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
 
 
 class Pipeline:
+    """The engines of one configuration with what they share: the worker pool, engine health
+    (circuit breakers), metrics and the scan cache. `scan` runs the engines a message needs in
+    parallel, each within its own deadline; `inspect` adds the verdict and the policy's decision.
+    Replaced whole on reload (the pool and health carry over); a message keeps the one it began with."""
+
     def __init__(self, engines: list, pool: concurrent.futures.ThreadPoolExecutor, health=None, metrics=None,
                  cache: ScanCache | None = None, head_start: float = 0.0):
         self.engines, self.pool, self.health, self.metrics = engines, pool, health, metrics
@@ -84,7 +95,7 @@ class Pipeline:
             return []
         if spool.oversize:
             # Part of a message is not the message: an engine could call a truncated zip clean.
-            return [ScanResult(e.name, SKIPPED, "oversize") for e in engines]
+            return [ScanResult(e.name, SKIPPED, OVERSIZE) for e in engines]
         start = time.monotonic()
         done: dict[str, ScanResult] = {}
         running: list[tuple[object, concurrent.futures.Future]] = []
@@ -116,18 +127,18 @@ class Pipeline:
             self._observe(result)
         return results
 
-    def inspect(self, spool, envelope: policy_mod.Envelope, policy: policy_mod.Policy,
+    def inspect(self, spool, envelope: P.Envelope, policy: P.Policy,
                 key: bytes | None = None) -> Inspection:
         start = time.monotonic()
-        needed = policy_mod.engines_needed(envelope, policy)
+        needed = P.engines_needed(envelope, policy)
 
         def final(partial: list[ScanResult]) -> bool:
             rest = [ScanResult(e.name, SKIPPED, DECIDED) for e in self.engines
                     if e.name in needed and all(r.engine != e.name for r in partial)]
-            return policy_mod.refused_whatever_the_score(
-                policy_mod.decide(combine(partial + rest, oversize=spool.oversize), envelope, policy))
+            return P.refused_whatever_the_score(
+                P.decide(combine(partial + rest, oversize=spool.oversize), envelope, policy))
 
         results = self.scan(spool, needed, key, final)
         verdict = combine(results, oversize=spool.oversize)
-        outcome = policy_mod.decide(verdict, envelope, policy)
+        outcome = P.decide(verdict, envelope, policy)
         return Inspection(tuple(results), verdict, outcome, time.monotonic() - start)

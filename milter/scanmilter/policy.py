@@ -12,7 +12,7 @@ For each recipient (first match wins; the README in policies/ has a worked examp
      its size or its limits)                          -> oversize_action
   6. otherwise accept; subject_tag_level and tag_level decide the Subject tag and X-Spam-Flag.
 Settings come from the most specific place: [DIR.recipients."a@b"], then [DIR.domains."b"], then [DIR].
-Then the recipients' decisions become one outcome for the message (see `combine`).
+Then the recipients' decisions become one outcome for the message (see `combine_recipients`).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from typing import Any
 from .verdict import Verdict
 
 ACCEPT, REJECT, TEMPFAIL, DISCARD, QUARANTINE = "accept", "reject", "tempfail", "discard", "quarantine"
+TAG = "tag"       # virus action: accept, marked X-Virus-Status: infected
 INBOUND, OUTBOUND = "inbound", "outbound"
 
 # SMTP replies by kind: (code, enhanced status code)
@@ -32,11 +33,14 @@ REPLY_REJECT = ("550", "5.7.1")
 REPLY_TEMPFAIL = ("451", "4.7.1")
 REPLY_TOO_BIG = ("552", "5.3.4")
 
-# Header names we own. Copies arriving with inbound mail are removed before ours are added.
+# Header names we own (lower case): copies arriving with inbound mail are removed before ours are
+# added, a held copy's are removed before release, and a policy's header_rewrite may only remove them.
 VERDICT_HEADER_PREFIXES = ("x-spam-", "x-virus-", "x-quarantine-")
 
+# What virus_action and [virus_classes] may say, in the order the documentation lists them.
+VIRUS_ACTIONS = (REJECT, QUARANTINE, DISCARD, TAG, TEMPFAIL)
 # How strict a virus action is, to pick one when a message carries several viruses.
-VIRUS_STRICTNESS = {"tag": 0, TEMPFAIL: 1, DISCARD: 2, QUARANTINE: 3, REJECT: 4}
+VIRUS_STRICTNESS = {TAG: 0, TEMPFAIL: 1, DISCARD: 2, QUARANTINE: 3, REJECT: 4}
 
 
 @dataclass(frozen=True)
@@ -229,9 +233,7 @@ def virus_action(name: str, policy: Policy, default: str) -> tuple[str, str]:
 
 
 def _level(value, verdict: Verdict) -> float:
-    if value == "spamd":
-        return verdict.spamd_required if verdict.spamd_required is not None else 5.0
-    return float(value)
+    return verdict.spam_required() if value == "spamd" else float(value)
 
 
 def _text(template: str, verdict: Verdict, level: float | None = None) -> str:
@@ -259,7 +261,7 @@ def decide_recipient(verdict: Verdict, env: Envelope, direction: str, recipient:
 
     scan_viruses = not (allowed and policy.allow_skips_virus_scan)
     if verdict.viruses and scan_viruses:
-        chosen, why = "tag", ""
+        chosen, why = TAG, ""
         for name in verdict.viruses:
             action, reason = virus_action(name, policy, s.virus_action)
             if VIRUS_STRICTNESS[action] >= VIRUS_STRICTNESS[chosen]:
@@ -324,7 +326,7 @@ def _show(value) -> str:
 _HEADER_RANK = {"tagged": 3, "virus": 3, "scan-error": 2, "oversize": 1}
 
 
-def combine(decisions: list[RecipientDecision], direction: str, policy: Policy) -> Outcome:
+def combine_recipients(decisions: list[RecipientDecision], direction: str, policy: Policy) -> Outcome:
     """One outcome for the message from its recipients' decisions.
 
     - all agree: that action;
@@ -379,4 +381,5 @@ def combine(decisions: list[RecipientDecision], direction: str, policy: Policy) 
 def decide(verdict: Verdict, env: Envelope, policy: Policy) -> Outcome:
     direction, _ = direction_of(env, policy)
     recipients = env.recipients or ("",)
-    return combine([decide_recipient(verdict, env, direction, r, policy) for r in recipients], direction, policy)
+    return combine_recipients([decide_recipient(verdict, env, direction, r, policy) for r in recipients], direction,
+                              policy)

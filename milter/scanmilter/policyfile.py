@@ -17,9 +17,9 @@ import math
 import re
 from typing import Any
 
-from . import config
+from . import config, quarantine
 from .config import ConfigError
-from .policy import INBOUND, OUTBOUND, HeaderRewrite, Policy
+from .policy import INBOUND, OUTBOUND, VERDICT_HEADER_PREFIXES, VIRUS_ACTIONS, HeaderRewrite, Policy
 
 TOP_LEVEL = ("directions", INBOUND, OUTBOUND, "lists", "virus_classes", "header_rewrite")
 _DIRECTION_KEYS = {s.name for s in config.DIRECTION_SETTINGS}
@@ -31,6 +31,14 @@ def direction_defaults(direction: str) -> dict[str, Any]:
     if direction == OUTBOUND:
         values.update(config.OUTBOUND_DEFAULTS)
     return values
+
+
+def load_settings_and_policy(config_path: str | None) -> tuple[config.Values, Policy, list[str]]:
+    """The settings of `config_path` (None: the defaults), the policy they name, and the warnings
+    about both. Raises ConfigError."""
+    cfg = config.load(config_path)
+    policy, warnings = check(cfg.policy_file, quarantine_available=bool(quarantine.location(cfg)))
+    return cfg, policy, warnings + [f"{cfg.source}: {gap}" for gap in config.size_gaps(cfg)]
 
 
 def load(path: str, quarantine_available: bool = False) -> Policy:
@@ -76,9 +84,9 @@ def check(path: str, quarantine_available: bool = False) -> tuple[Policy, list[s
 
     virus_classes = []
     for pattern, action in data.get("virus_classes", {}).items():
-        if action not in config.VIRUS_CLASS_ACTIONS:
+        if action not in VIRUS_ACTIONS:
             raise ConfigError(f"{where(('virus_classes',), pattern)}: {pattern!r} must be one of "
-                              f"{', '.join(config.VIRUS_CLASS_ACTIONS)}, not {action!r}")
+                              f"{', '.join(VIRUS_ACTIONS)}, not {action!r}")
         virus_classes.append((pattern, action))
 
     rewrites = tuple(_rewrite(rule, n, source, text) for n, rule in enumerate(data.get("header_rewrite", []), 1))
@@ -134,7 +142,7 @@ def _rewrite(rule: Any, n: int, source: str, text: str | None) -> HeaderRewrite:
         raise ConfigError(f"{here}: action must be one of add, remove, replace, not {action!r}")
     if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
         raise ConfigError(f"{here}: name must be a header field name, not {name!r}")
-    if name.lower().startswith(("x-spam-", "x-virus-")) and action != "remove":
+    if name.lower().startswith(VERDICT_HEADER_PREFIXES) and action != "remove":
         raise ConfigError(f"{here}: {name} is a verdict header scanmilter owns; it can only be removed")
     if action in ("add", "replace") and (not isinstance(value, str) or not value.strip()):
         raise ConfigError(f"{here}: action {action} needs a value")

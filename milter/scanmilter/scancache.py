@@ -15,9 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from .scanners import CLEAN, FOUND, ScanResult
-
-CACHED = "cached"    # detail of a result that came from the cache
+from .scanners import CACHED, CLEAN, FOUND, ScanResult
 
 
 # Headers whose values differ between the copies of one mailing and by which neither engine
@@ -58,6 +56,10 @@ class Fingerprint:
 
 
 class ScanCache:
+    """Clean and found results by (engine, fingerprint), for `seconds` each and at most `entries`
+    in all (the least recently used go first); a result read back carries the detail CACHED.
+    Off when either limit is 0. Shared by every connection's thread, so every change holds the lock."""
+
     def __init__(self, seconds: float, entries: int, ignored_headers=CACHE_IGNORED_HEADERS, clock=time.monotonic):
         self.seconds, self.entries, self.clock = seconds, entries, clock
         self.ignored_headers = tuple(ignored_headers)

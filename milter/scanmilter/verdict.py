@@ -4,8 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .scancache import CACHED
-from .scanners import CLEAN, ERROR, FOUND, SKIPPED, ScanResult
+from .scanners import CACHED, CLEAN, ERROR, FOUND, LIMITS, SIZE, SKIPPED, ScanResult
+from .scanners.spamd import SPAMD_DEFAULT_REQUIRED
 
 # Names that travel into headers, replies and log lines: keep a safe alphabet only,
 # so a hostile engine reply can never inject a header line or a terminal escape.
@@ -14,7 +14,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.:/+-]")
 
 # Skip reasons that mean "too big for this engine": its own size limit, or clamd's limits on
 # what it unpacks (AlertExceedsMax). Such a message was not scanned whole, so it is oversize.
-SIZE_SKIPS = ("size", "limits")
+SIZE_SKIPS = (SIZE, LIMITS)
 
 
 def safe_name(text: str, limit: int = 100) -> str:
@@ -33,15 +33,20 @@ class Verdict:
     oversize: bool = False          # over message_size_limit, or too big for an engine that was asked
     cached: tuple[str, ...] = ()                 # engines whose result came from the scan cache
 
-    def status_of(self, engine: str) -> str:
-        """clean | failed | skipped | absent, from the point of view of one engine."""
+    def engine_state(self, engine: str) -> str:
+        """What became of one engine's scan: scanned (it answered, whatever it found), failed,
+        skipped, or absent (not asked at all)."""
         if engine not in self.engines:
             return "absent"
         if any(e == engine for e, _ in self.failed):
             return "failed"
         if any(e == engine for e, _ in self.skipped):
             return "skipped"
-        return "clean"
+        return "scanned"
+
+    def spam_required(self) -> float:
+        """spamd's own required score, or SpamAssassin's default when spamd gave none."""
+        return self.spamd_required if self.spamd_required is not None else SPAMD_DEFAULT_REQUIRED
 
 
 def combine(results: list[ScanResult], oversize: bool = False) -> Verdict:

@@ -1,22 +1,66 @@
-"""Scanning engines behind one small interface.
+"""Scanning engines behind one small interface, and the table that builds them from settings.
 
-An engine has a `name` and `scan(spool) -> ScanResult`. It never raises and never
-decides anything: every failure is an `error` result with its kind, so a dead or slow
-engine can never look like a clean message. The spool an engine gets may be a `Submission`:
-the message together with its `Origin` (where it came from), for engines that judge the
-client as well as the content.
+An engine has a `name`, a `timeout` (its deadline for one scan, in seconds) and
+`scan(spool) -> ScanResult` with one of four outcomes: CLEAN, FOUND, ERROR, SKIPPED. It never
+raises and never decides anything: every failure is an error result with its kind, so a dead or
+slow engine can never look like a clean message. Between messages the daemon calls `ping()`
+("" when the engine answers). The spool an engine gets may be a `Submission`: the message
+together with its `Origin` (where it came from), for engines that judge the client as well as
+the content.
+
+Adding an engine: a module here with the engine's class and `from_settings(cfg)`, an entry in
+ENGINES, and its settings (`<name>_enabled`, its socket and limits) in config.py.
+
+SECURITY: an engine's reply is untrusted input (a compromised or impostor server could send
+anything). Replies are read within one deadline and a size cap, parsed strictly, and anything
+unexpected is an error, never a clean result; names taken from replies are reduced to a safe
+alphabet before they reach headers or logs (verdict.safe_name). The message itself is only
+passed through, never interpreted here.
 """
 from __future__ import annotations
 
+import importlib
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 CLEAN, FOUND, ERROR, SKIPPED = "clean", "found", "error", "skipped"
 
-# Error kinds: a small closed set, so they can label metrics and log lines.
+# The detail of a result: a small closed set, so that it can label metrics and log lines.
+# Error kinds:
 TIMEOUT, REFUSED, PROTOCOL = "timeout", "refused", "protocol"
 CIRCUIT = "circuit"      # not tried: the engine's circuit breaker is open
+# Skip reasons:
+SIZE = "size"            # over the engine's own size limit
+LIMITS = "limits"        # clamd stopped at one of its limits on what it unpacks (AlertExceedsMax)
+OVERSIZE = "oversize"    # over message_size_limit: only part of the message was kept
+DECIDED = "decided"      # not asked: the verdict was final without this engine
+# A clean or found result that came from the scan cache, not from the engine:
+CACHED = "cached"
+
+# The engines, slowest first (the calling thread runs the first one): name -> its module
+# (relative to this package). Each module has `from_settings(cfg)`; the engine is on when the
+# setting `<name>_enabled` is true.
+ENGINES = {"spamd": ".spamd", "clamd": ".clamd"}
+
+
+def from_settings(cfg) -> list:
+    """The engines that are on, slowest first."""
+    return [importlib.import_module(module, __name__).from_settings(cfg)
+            for name, module in ENGINES.items() if getattr(cfg, f"{name}_enabled")]
+
+
+def parse_client_socket(v: str) -> tuple[str, Any]:
+    """"unix:/path" -> ("unix", "/path"); "inet:HOST:PORT" -> ("inet", (host, port))."""
+    kind, _, rest = v.partition(":")
+    if kind == "unix" and rest.startswith("/"):
+        return "unix", rest
+    if kind == "inet":
+        host, _, port = rest.rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return "inet", (host.strip("[]"), int(port))
+    raise ValueError('expected "unix:/path" or "inet:HOST:PORT"')
 
 
 @dataclass(frozen=True)

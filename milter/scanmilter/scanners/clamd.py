@@ -13,11 +13,10 @@ import time
 
 import clamd as clamd_client
 
-from . import (CLEAN, FOUND, PROTOCOL, SKIPPED, Deadline, EngineError, ScanResult, connect, run,
-               words_before_hangup)
+from . import (CLEAN, FOUND, LIMITS, PROTOCOL, SIZE, SKIPPED, Deadline, EngineError, ScanResult, connect,
+               parse_client_socket, run, words_before_hangup)
 
 CHUNK = 64 * 1024   # INSTREAM chunk; clamd accepts chunks up to its StreamMaxLength
-CHECK_TIMEOUT = 5.0  # seconds for PING and VERSION
 REPLY_LIMIT = 4096   # bytes; clamd answers with one short line, anything longer is not clamd
 
 _FOUND = re.compile(r"stream: (\S[^\0\r\n]*) FOUND")
@@ -84,27 +83,34 @@ class _Client(clamd_client.ClamdNetworkSocket):
             self._close_socket()
 
 
+def from_settings(cfg) -> ClamdScanner:
+    return ClamdScanner(parse_client_socket(cfg.clamd_socket), cfg.clamd_connect_timeout, cfg.clamd_timeout,
+                        cfg.clamd_size_limit, cfg.engine_check_timeout)
+
+
 class ClamdScanner:
     name = "clamd"
 
-    def __init__(self, address, connect_timeout: float, timeout: float, size_limit: int):
+    def __init__(self, address, connect_timeout: float, timeout: float, size_limit: int,
+                 check_timeout: float | None = None):
+        """check_timeout: seconds for PING and VERSION (engine_check_timeout); None: timeout."""
         self.address, self.connect_timeout = address, connect_timeout
         self.timeout, self.size_limit = timeout, size_limit
+        self.check_timeout = timeout if check_timeout is None else min(timeout, check_timeout)
 
     def scan(self, spool) -> ScanResult:
         return run(self.name, lambda: self._scan(spool))
 
     def _scan(self, spool) -> ScanResult:
         if spool.stored > self.size_limit:
-            return ScanResult(self.name, SKIPPED, "size")
+            return ScanResult(self.name, SKIPPED, SIZE)
         client = _Client(self.address, self.connect_timeout, Deadline(self.timeout))
         with spool.reader() as reader:
             reply = client.instream_reply(reader)
         return parse_reply(reply)
 
-
     def _client(self) -> _Client:
-        return _Client(self.address, self.connect_timeout, Deadline(min(self.timeout, CHECK_TIMEOUT)))
+        return _Client(self.address, self.connect_timeout, Deadline(self.check_timeout))
 
     def ping(self) -> str:
         """"" when clamd answers PONG, else what went wrong."""
@@ -137,7 +143,7 @@ def parse_reply(reply: str) -> ScanResult:
         return ScanResult(ClamdScanner.name, CLEAN)
     match = _FOUND.fullmatch(reply)
     if match and _LIMITS.fullmatch(match.group(1)):
-        return ScanResult(ClamdScanner.name, SKIPPED, "limits")
+        return ScanResult(ClamdScanner.name, SKIPPED, LIMITS)
     if match:
         return ScanResult(ClamdScanner.name, FOUND, viruses=(match.group(1),))
     if not reply:

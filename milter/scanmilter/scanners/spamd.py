@@ -12,11 +12,10 @@ import ipaddress
 import re
 import socket
 
-from . import (CLEAN, FOUND, PROTOCOL, SKIPPED, Deadline, EngineError, Origin, ScanResult, connect, run,
-               words_before_hangup)
+from . import (CLEAN, FOUND, PROTOCOL, SIZE, SKIPPED, Deadline, EngineError, Origin, ScanResult, connect,
+               parse_client_socket, run, words_before_hangup)
 
 CHUNK = 64 * 1024
-CHECK_TIMEOUT = 5.0          # seconds for PING
 REPLY_LIMIT = 256 * 1024     # bytes; a SYMBOLS reply is a line of rule names, a longer one is garbage
 
 _STATUS = re.compile(rb"SPAMD/\d+\.\d+ +(\d+) +([^\r\n]*)")
@@ -26,6 +25,11 @@ _LENGTH = re.compile(rb"\d{1,9}")
 # SpamAssassin refuses any other rule name (RULENAME_RE in Mail::SpamAssassin::Constants)
 _RULE = re.compile(rb"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
+
+# SpamAssassin's own required score when spamd does not say (its shipped required_score)
+SPAMD_DEFAULT_REQUIRED = 5.0
+# The Generic Test for Unsolicited Bulk Email: any SpamAssassin scores a message holding it as spam
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9._:@+=-]")
 
@@ -77,13 +81,21 @@ class _Prefixed:
         self.rest.close()
 
 
+def from_settings(cfg) -> SpamdScanner:
+    """The client for spamd_socket (whether or not spamd_enabled: quarantine learning uses it too)."""
+    return SpamdScanner(parse_client_socket(cfg.spamd_socket), cfg.spamd_connect_timeout, cfg.spamd_timeout,
+                        cfg.spamd_size_limit, cfg.spamd_oversize_action, cfg.spamd_user, cfg.engine_check_timeout)
+
+
 class SpamdScanner:
     name = "spamd"
 
     def __init__(self, address, connect_timeout: float, timeout: float, size_limit: int,
-                 oversize_action: str = "skip", user: str = ""):
+                 oversize_action: str = "skip", user: str = "", check_timeout: float | None = None):
+        """check_timeout: seconds for PING (engine_check_timeout); None: timeout."""
         self.address, self.connect_timeout, self.timeout = address, connect_timeout, timeout
         self.size_limit, self.oversize_action, self.user = size_limit, oversize_action, user
+        self.check_timeout = timeout if check_timeout is None else min(timeout, check_timeout)
 
     def scan(self, spool) -> ScanResult:
         return run(self.name, lambda: self._scan(spool))
@@ -92,7 +104,7 @@ class SpamdScanner:
         size = spool.stored
         if size > self.size_limit:
             if self.oversize_action == "skip":
-                return ScanResult(self.name, SKIPPED, "size")
+                return ScanResult(self.name, SKIPPED, SIZE)
             size = self.size_limit
         origin = getattr(spool, "origin", None)
         trace = received_line(origin) if origin is not None else b""
@@ -148,7 +160,7 @@ class SpamdScanner:
     def ping(self) -> str:
         """"" when spamd answers PONG, else what went wrong."""
         try:
-            deadline = Deadline(min(self.timeout, CHECK_TIMEOUT))
+            deadline = Deadline(self.check_timeout)
             sock = connect(self.address, self.connect_timeout, deadline)
             try:
                 sock.settimeout(deadline.left())

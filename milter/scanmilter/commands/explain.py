@@ -3,21 +3,25 @@ from __future__ import annotations
 
 import re
 
-from . import headers as H
-from . import policy as P
-from .message import Message, Spool
-from .pipeline import Pipeline, scan_pool
-from .scanners import CLEAN, FOUND, Origin, ScanResult, Submission
-from .verdict import combine
+from .. import headers as H
+from .. import policy as P
+from ..message import Message, Spool
+from ..pipeline import Pipeline, scan_pool
+from ..scanners import CLEAN, FOUND, Origin, ScanResult, Submission
+from ..scanners.spamd import SPAMD_DEFAULT_REQUIRED
+from ..verdict import combine
+
+MEMORY_LIMIT = 1 << 20      # bytes of the message held in memory; the rest goes to a temporary file
 
 
-def read_message(data: bytes, keep) -> Message:
-    """A Message as the handler would have built it from Postfix's callbacks."""
+def read_message(data: bytes, keep, size_limit: int) -> Message:
+    """A Message as the handler would have built it from Postfix's callbacks, keeping at most
+    `size_limit` bytes (message_size_limit): past it the message is oversize, as in the daemon."""
     data = re.sub(rb"\r?\n", b"\r\n", data)
     head, sep, body = data.partition(b"\r\n\r\n")
     if not sep and not re.match(rb"[!-9;-~]+:", head):
         head, body = b"", data        # no header section at all
-    msg = Message("", Spool(1 << 20, 1 << 40))
+    msg = Message("", Spool(MEMORY_LIMIT, size_limit))
     for field in re.split(rb"\r\n(?![ \t])", head) if head else []:
         name, colon, value = field.partition(b":")
         if colon:
@@ -27,17 +31,29 @@ def read_message(data: bytes, keep) -> Message:
     return msg
 
 
-def explain(data: bytes, envelope: P.Envelope, policy: P.Policy, engines: list,
+def _said(r: ScanResult) -> str:
+    """What an engine's result says: the viruses found, or the spam score and rules."""
+    if r.viruses or r.engine == "clamd":
+        return ", ".join(r.viruses) or "no virus"
+    return (f"score {P.fmt_score(r.score)} ({r.engine} requires {P.fmt_score(r.required)}), "
+            f"tests={','.join(r.rules) or 'none'}")
+
+
+def explain(data: bytes, envelope: P.Envelope, policy: P.Policy, engines: list, size_limit: int,
             score: float | None = None, viruses: tuple[str, ...] = ()) -> str:
     names = policy.header_names()
-    msg = read_message(data, lambda n: n in names or n.startswith(P.VERDICT_HEADER_PREFIXES))
+    msg = read_message(data, lambda n: n in names or n.startswith(P.VERDICT_HEADER_PREFIXES), size_limit)
     out = [f"message: {len(data)} bytes, {msg.header_count} header lines, from <{envelope.sender}>, "
            f"to {', '.join(f'<{r}>' for r in envelope.recipients)}"]
     direction, why = P.direction_of(envelope, policy)
     out.append(f"direction: {direction} ({why})")
     needed = P.engines_needed(envelope, policy)
-    if score is not None or viruses:
-        results = [ScanResult("spamd", CLEAN, score=score if score is not None else 0.0, required=5.0)]
+    if msg.spool.oversize:
+        out.append(f"scan: none, the message is over message_size_limit ({size_limit} bytes)"
+                   + (" (--score and --virus ignored)" if score is not None or viruses else ""))
+    if (score is not None or viruses) and not msg.spool.oversize:
+        results = [ScanResult("spamd", CLEAN, score=score if score is not None else 0.0,
+                              required=SPAMD_DEFAULT_REQUIRED)]
         results.append(ScanResult("clamd", FOUND, viruses=viruses) if viruses else ScanResult("clamd", CLEAN))
         results = [r for r in results if r.engine in needed]
         out.append("scan: given on the command line (no scanner asked)")
@@ -47,10 +63,8 @@ def explain(data: bytes, envelope: P.Envelope, policy: P.Policy, engines: list,
             origin = Origin(envelope.client_address, auth_user=envelope.auth_user)
             results = Pipeline(engines, pool).scan(Submission(msg.spool, origin), needed)
     for r in results:
-        what = {"clamd": f"{', '.join(r.viruses) or 'no virus'}",
-                "spamd": f"score {P.fmt_score(r.score)} (spamd requires {P.fmt_score(r.required)}), "
-                         f"tests={','.join(r.rules) or 'none'}"}[r.engine]
-        out.append(f"  {r.engine}: {r.outcome}{' ' + r.detail if r.detail else ''}; {what}; {r.seconds * 1000:.0f} ms")
+        out.append(f"  {r.engine}: {r.outcome}{' ' + r.detail if r.detail else ''}; {_said(r)}; "
+                   f"{r.seconds * 1000:.0f} ms")
     skipped = sorted({"clamd", "spamd"} - needed)
     if skipped:
         out.append(f"  not asked: {', '.join(skipped)} (allow lists)")

@@ -1,5 +1,6 @@
 """The MTA side of the milter protocol (version 6), enough to feed one message to a milter the way
-Postfix does and collect its answer: used by `scanmilter selftest`."""
+Postfix does and collect its answer: used by `scanmilter selftest`, and by `postfix-check` to see
+that a milter answers the negotiation."""
 from __future__ import annotations
 
 import socket

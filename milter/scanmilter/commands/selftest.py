@@ -21,12 +21,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ..scanners.spamd import GTUBE, SPAMD_DEFAULT_REQUIRED
 from .miltertalk import Answer, MilterError, Session
 
 # The EICAR test file, kept as base64 of its reversed bytes so that no scanner flags this source.
 _EICAR_REVERSED_B64 = ("KkgrSCQhRUxJRi1UU0VULVNVUklWSVROQS1EUkFETkFUUy1SQUNJRSR9NylDQzcpXlAoNDVYWlBc"
                        "NFtQQUAlUCFPNVg=")
-GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 OUTSIDE_CLIENT = "203.0.113.25"     # TEST-NET-3: an outside host, so the message is inbound
 
 # The mark of a self-test session: a connect macro that Postfix cannot send (its milter macros
@@ -39,6 +39,9 @@ MARK_MACRO = "{scanmilter_selftest}"
 MARK_VALUE = "yes"
 REPORT_HEADER = "X-Scanmilter-Selftest"
 NOT_STORED = "not stored: self test"        # in the report, where a held entry's id would be
+# The report's word for an engine that answered (Verdict.engine_state's "scanned"), whatever it
+# found: "clean", as daemons and commands of every version write and read it.
+REPORT_SCANNED = "clean"
 
 
 def eicar() -> bytes:
@@ -53,10 +56,16 @@ def report(verdict, outcome, answer: str, held: str) -> str:
         (outcome.recipients[0] if outcome.recipients else None)
     return json.dumps({
         "viruses": list(verdict.viruses), "score": verdict.score, "required": verdict.spamd_required,
-        "rules": list(verdict.rules), "clamd": verdict.status_of("clamd"), "spamd": verdict.status_of("spamd"),
+        "rules": list(verdict.rules), "clamd": _engine_state(verdict, "clamd"),
+        "spamd": _engine_state(verdict, "spamd"),
         "failed": [list(f) for f in verdict.failed], "skipped": [list(s) for s in verdict.skipped],
         "decision": outcome.action, "reason": outcome.reason, "rule": lead.rule if lead else "",
         "answer": answer, "held": held}, separators=(",", ":"))
+
+
+def _engine_state(verdict, engine: str) -> str:
+    state = verdict.engine_state(engine)
+    return REPORT_SCANNED if state == "scanned" else state
 
 
 # ---------------------------------------------------------------- what each case must find
@@ -74,11 +83,11 @@ def _score(r: dict) -> str:
 def _clean_facts(r: dict) -> str:
     if r["viruses"]:
         return f"clamd found {', '.join(r['viruses'])} in the clean message"
-    if r["clamd"] != "clean":
+    if r["clamd"] != REPORT_SCANNED:
         return f"clamd did not scan the clean message ({r['clamd']})"
     if r["score"] is None:
         return f"spamd gave the clean message no score ({r['spamd']})"
-    required = r["required"] if r["required"] is not None else 5.0
+    required = r["required"] if r["required"] is not None else SPAMD_DEFAULT_REQUIRED
     if r["score"] >= required:
         return f"spamd scored the clean message {_score(r)}, at or over its required {required:.1f}"
     return ""

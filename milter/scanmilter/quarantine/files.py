@@ -1,9 +1,10 @@
-"""The quarantine store: held mail on disk, written so that a crash never loses or half-writes it.
+"""The file store: held mail on disk, written so that a crash never loses or half-writes it.
 
 Layout under quarantine_directory (0700; files 0600, whatever the process umask):
   entries/ID.msg     the message exactly as received (headers as Postfix passed them, body unchanged)
-  entries/ID.json    its metadata; an entry exists once this file exists (it is written last)
-  index.sqlite       an index for fast listing (WAL); rebuilt from the .json files at any time
+  entries/ID.json    its entry (entry.py); an entry exists once this file exists (it is written last)
+  index.sqlite       an index for fast listing (WAL; entry.INDEX_COLUMNS); rebuilt from the .json
+                     files at any time
   index.stale        present when a write to the index failed: the next listing or health check
                      rebuilds the index, so an entry is never hidden from `list` and `purge` for good
 Every file is written as a temp file created exclusively in the same directory, fsynced, renamed
@@ -16,8 +17,11 @@ writing it back: two releases cannot both deliver, and an update never brings ba
 entry. Run as root (the quarantine command), files keep the owner and group of their directory,
 so the daemon and the purge service can still read and replace them.
 
-Envelope addresses with bytes that are not UTF-8 arrive surrogate-escaped (pymilter); the .json
-keeps them exactly (JSON escapes them), the index and every display show them as \\xNN.
+SECURITY: the directory is private to the daemon's user (and root); the messages in it are
+hostile and never parsed here, their metadata is the sender's word and reaches SQLite only as
+bound parameters. Paths are built from validated ids only, opened relative to a directory
+descriptor without following links, and the index files are refused when they are not regular
+files.
 """
 from __future__ import annotations
 
@@ -25,89 +29,36 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import secrets
 import sqlite3
 import stat
 import threading
 import time
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-ID_PATTERN = re.compile(r"[0-9a-f]{24}")
+from . import entry as E
+from .entry import Entry, valid_id
+from .store import ACTIONS, NotFound, Store, StoreError
+
 TEMP_PREFIX = ".tmp-"
 COPY_CHUNK = 256 * 1024
 STALE_TEMP_SECONDS = 3600      # a temp file this old cannot belong to a writer still at work
 INDEX_NAME = "index.sqlite"
 STALE_MARKER = "index.stale"
 INDEX_TIMEOUT = 10.0           # seconds a writer waits for a lock on the index before giving up
-MAX_STRIPPED_NAMES = 20        # forged header names recorded per release
-# headers that carry a verdict: a held copy's own are removed before release (any case)
-VERDICT_PREFIXES = (b"x-spam-", b"x-virus-", b"x-quarantine-")
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    id TEXT PRIMARY KEY, time REAL, queue_id TEXT, sender TEXT, recipients TEXT, reason TEXT,
-    score REAL, viruses TEXT, size INTEGER, direction TEXT, released_at REAL, meta TEXT);
+_COLUMNS = [name for name, _, _ in E.INDEX_COLUMNS]
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS entries ({", ".join(f"{name} {kind}" for name, kind, _ in E.INDEX_COLUMNS)});
 CREATE INDEX IF NOT EXISTS entries_time ON entries(time);
 CREATE TABLE IF NOT EXISTS tallies (action TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
-_INSERT = "INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-_SURROGATE = re.compile("[\ud800-\udfff]")
-# what the quarantine command counts, for the metrics
-ACTIONS = ("release", "delete", "purge", "learn_ham", "learn_spam")
+_INSERT = f"INSERT OR REPLACE INTO entries ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
-class StoreError(Exception):
-    """The store cannot do what was asked (disk full, permissions, a broken directory)."""
-
-
-class NotFound(StoreError):
-    pass
-
-
-def valid_id(text: str) -> bool:
-    return bool(ID_PATTERN.fullmatch(text))
-
-
-def _text(value) -> str:
-    """Text SQLite can store: undecodable bytes (lone surrogates) as \\xNN or \\uNNNN."""
-    def hexed(m: re.Match) -> str:
-        code = ord(m.group())
-        return f"\\x{code - 0xdc00:02x}" if 0xdc80 <= code <= 0xdcff else f"\\u{code:04x}"
-    return _SURROGATE.sub(hexed, value if isinstance(value, str) else str(value))
-
-
-def _number(value):
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _row(meta) -> tuple:
-    """The index row of an entry's metadata; ValueError when the metadata is unusable."""
-    if not isinstance(meta, dict) or not valid_id(str(meta.get("id", ""))) or _number(meta.get("time")) is None:
-        raise ValueError("metadata without a valid id and time")
-    released = meta.get("released")
-    last = released[-1] if isinstance(released, list) and released else None
-    at = last.get("at") if isinstance(last, dict) else None
-    recipients = meta.get("recipients")
-    return (meta["id"], meta["time"], _text(meta.get("queue_id", "")), _text(meta.get("sender", "")),
-            json.dumps([_text(r) for r in recipients] if isinstance(recipients, list) else [], ensure_ascii=False),
-            _text(meta.get("reason", "")), _number(meta.get("score")), json.dumps(meta.get("viruses", [])),
-            _number(meta.get("size")) or 0, _text(meta.get("direction", "")), _number(at), json.dumps(meta))
-
-
-@dataclass
-class Entry:
-    meta: dict
-
-    @property
-    def id(self) -> str:
-        return self.meta["id"]
-
-
-class Store:
-    """Directory backend. A shared-database backend would offer the same methods."""
+class FileStore(Store):
+    """Entries as files in a directory, with an SQLite index for listing."""
 
     def __init__(self, directory: str, index_timeout: float = INDEX_TIMEOUT):
         self.directory = os.path.abspath(directory)
@@ -134,6 +85,18 @@ class Store:
                 except OSError as e:
                     raise StoreError(f"cannot set the mode of {path}: {e.strerror}") from None
         self._check_index_files()
+
+    @classmethod
+    def for_command(cls, directory: str) -> FileStore:
+        """The store as an operator command opens it: a directory this user may not read is said
+        to be so (the constructor would report a failure to create what it cannot see)."""
+        directory = os.path.abspath(directory)
+        parent = os.path.dirname(directory)
+        if (os.path.isdir(directory) and not os.access(directory, os.R_OK | os.X_OK)) \
+                or (os.path.isdir(parent) and not os.access(parent, os.X_OK)):
+            raise StoreError(f"{directory}: cannot open the quarantine: Permission denied (run this as root "
+                             "or as the daemon's user)")
+        return cls(directory)
 
     # ---- low level: the entries directory, opened without following links
 
@@ -325,7 +288,7 @@ class Store:
         The files are the truth: a failed index write never undoes an operation."""
         try:
             with self._db() as db:
-                db.execute(_INSERT, _row(meta))
+                db.execute(_INSERT, E.index_row(meta))
             return True
         except (sqlite3.Error, StoreError):
             self._mark_stale()
@@ -341,7 +304,7 @@ class Store:
         entry_id = secrets.token_hex(12)
         meta = {**meta, "id": entry_id, "time": meta.get("time", time.time()), "released": []}
         try:
-            _row(meta)
+            E.index_row(meta)
             json.dumps(meta)                # anything that cannot be written fails before a file exists
             dfd = self._dirfd()
             try:
@@ -355,7 +318,7 @@ class Store:
             raise StoreError(f"cannot write quarantine entry: {getattr(e, 'strerror', None) or e}") from None
         try:
             with self._db() as db:
-                db.execute(_INSERT, _row(meta))
+                db.execute(_INSERT, E.index_row(meta))
         except (sqlite3.Error, StoreError) as e:
             # the entry is safe on disk; the marker gets it into the index at the next check
             self._mark_stale()
@@ -458,13 +421,13 @@ class Store:
         query, args = "SELECT meta FROM entries WHERE 1=1", []
         if reason:
             query += " AND reason = ?"
-            args.append(_text(reason))
+            args.append(E.index_text(reason))
         if sender:
             query += " AND lower(sender) LIKE ?"
-            args.append(f"%{_text(sender).lower()}%")
+            args.append(f"%{E.index_text(sender).lower()}%")
         if recipient:
             query += " AND lower(recipients) LIKE ?"
-            args.append(f"%{_text(recipient).lower()}%")
+            args.append(f"%{E.index_text(recipient).lower()}%")
         if since is not None:
             query += " AND time >= ?"
             args.append(since)
@@ -504,7 +467,7 @@ class Store:
                 rows = []
                 for entry_id in sorted(self.ids_on_disk()):
                     try:
-                        rows.append(_row(self.get(entry_id).meta))
+                        rows.append(E.index_row(self.get(entry_id).meta))
                     except NotFound:
                         continue                    # deleted meanwhile
                     except (StoreError, ValueError) as e:
@@ -545,130 +508,3 @@ class Store:
         oldest, released = self._db().execute(
             "SELECT min(time), count(released_at) FROM entries").fetchone()
         return {"by_reason": by_reason, "oldest": oldest, "released": released}
-
-
-class ReleaseError(Exception):
-    """A release did not happen; the entry is unchanged."""
-
-
-def strip_verdict_headers(data: bytes) -> tuple[bytes, list[str]]:
-    """The message without the verdict headers it arrived with (X-Spam-*, X-Virus-*,
-    X-Quarantine-*, any case, with their continuation lines), and the names removed.
-    Only the header section is looked at; the body is left byte for byte."""
-    kept, stripped, dropping, pos = [], [], False, 0
-    while pos < len(data):
-        end = data.find(b"\n", pos)
-        end = len(data) if end < 0 else end + 1
-        line = data[pos:end]
-        if line in (b"\n", b"\r\n"):
-            break                                   # the blank line that ends the header section
-        if line[:1] not in (b" ", b"\t"):           # a new field; a continuation shares its fate
-            name = line.split(b":", 1)[0].strip()
-            dropping = name.lower().startswith(VERDICT_PREFIXES)
-            if dropping:
-                stripped.append(_token(name.decode("ascii", "replace")))
-        if not dropping:
-            kept.append(line)
-        pos = end
-    return b"".join(kept) + data[pos:], stripped
-
-
-def _check_address(role: str, address: str) -> None:
-    """Refuse what cannot go into an SMTP command as it is: undecodable bytes, control characters."""
-    if _SURROGATE.search(address):
-        raise ReleaseError(f"{role} <{address}> has bytes that are not UTF-8; it cannot be re-injected "
-                           "as received (save `show --raw` and deliver it by hand)")
-    if re.search(r"[\x00-\x1f\x7f]", address):
-        raise ReleaseError(f"{role} <{address}> contains control characters")
-
-
-def release(store: Store, entry_id: str, address: tuple[str, int], by: str, to: list[str] | None = None,
-            force: bool = False, timeout: float = 60.0) -> list[str]:
-    """Re-inject an entry over SMTP to its recipients (or the subset `to`) without the verdict
-    headers it arrived with, adding X-Quarantine-Released. Returns the recipients it went to.
-    The release endpoint must be a Postfix service without scanmilter (smtpd_milters empty), or
-    the copy would be held again. The entry stays locked from the check to the record, so two
-    releases never both deliver."""
-    import smtplib
-    with store.locked(entry_id) as entry:
-        recipients = list(entry.meta.get("recipients", []))
-        chosen = to or recipients
-        strangers = [r for r in chosen if r.lower() not in {x.lower() for x in recipients}]
-        if strangers:
-            raise ReleaseError(f"{', '.join(strangers)} not among the entry's recipients ({', '.join(recipients)})")
-        done = {r.lower() for rel in entry.meta.get("released", []) for r in rel.get("to", [])}
-        again = [r for r in chosen if r.lower() in done]
-        if again and not force:
-            raise ReleaseError(f"already released to {', '.join(again)}; use --force to deliver again")
-        sender = entry.meta.get("sender", "")
-        _check_address("sender", sender)
-        for r in chosen:
-            _check_address("recipient", r)
-        utf8 = not all(a.isascii() for a in (sender, *chosen))
-        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        header = f"X-Quarantine-Released: id={entry_id}, by={_token(by)}, at={at}\r\n".encode()
-        message, stripped = strip_verdict_headers(store.message(entry_id))
-        data = header + message
-        try:
-            with smtplib.SMTP(address[0], address[1], timeout=timeout) as smtp:
-                smtp.ehlo()
-                options = ["BODY=8BITMIME"] if smtp.has_extn("8bitmime") and not data.isascii() else []
-                if utf8:
-                    if not smtp.has_extn("smtputf8"):
-                        raise ReleaseError(f"the envelope has UTF-8 addresses and the release endpoint "
-                                           f"{address[0]}:{address[1]} does not offer SMTPUTF8 "
-                                           "(smtputf8_enable = yes for that service)")
-                    options.append("SMTPUTF8")
-                refused = smtp.sendmail(sender, chosen, data, mail_options=options)
-        except (OSError, smtplib.SMTPException, UnicodeError, ValueError) as e:
-            raise ReleaseError(f"release endpoint {address[0]}:{address[1]}: {e}") from None
-        if refused:
-            raise ReleaseError("refused: " + "; ".join(f"{r}: {c} {m.decode(errors='replace')}"
-                                                       for r, (c, m) in refused.items()))
-        record = {"at": time.time(), "by": by, "to": chosen}
-        if stripped:
-            record["stripped"] = stripped[:MAX_STRIPPED_NAMES]
-        entry.meta.setdefault("released", []).append(record)
-        try:
-            store.update(entry)
-            store.count("release")
-        except StoreError as e:
-            raise ReleaseError(f"delivered to {', '.join(chosen)}, but the release was not recorded: {e}") from None
-    return chosen
-
-
-def learn(store: Store, entry_id: str, spamd, message_class: str, by: str) -> bool:
-    """Tell spamd's Bayes filter that an entry is ham or spam and note it in the entry; True when
-    spamd learned, False when it knew the message already. spamd's errors pass through
-    (scanners.EngineError, OSError)."""
-    with store.locked(entry_id) as entry:
-        learned = spamd.tell(store.message(entry_id), message_class)
-        entry.meta.setdefault("learned", []).append({"at": time.time(), "by": by, "as": message_class})
-        store.update(entry)
-    store.count(f"learn_{message_class}")
-    return learned
-
-
-def _token(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.@-]", "_", text)[:64] or "unknown"
-
-
-def purge(store: Store, older_than: float, dry_run: bool = False, failed: list | None = None) -> list[Entry]:
-    """Delete entries older than `older_than` seconds; returns those deleted (with dry_run: those
-    that would be). One that cannot be deleted (permissions, a broken file) does not stop the
-    rest: it is added to `failed` as (id, reason)."""
-    old = store.select(before=time.time() - older_than)
-    if dry_run:
-        return old
-    gone = []
-    for entry in old:
-        try:
-            store.delete(entry.id, action="purge")
-        except NotFound:
-            continue                    # deleted by someone else meanwhile
-        except StoreError as e:
-            if failed is not None:
-                failed.append((entry.id, str(e)))
-            continue
-        gone.append(entry)
-    return gone

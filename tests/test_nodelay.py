@@ -2,13 +2,13 @@
 import os
 import socket
 
-from scanmilter import transport
+from scanmilter import nodelay
 
 
 def test_is_tcp_follows_libmilter_spelling():
-    assert transport.is_tcp("inet:8890@127.0.0.1") and transport.is_tcp("inet6:8890@[::1]")
-    assert not transport.is_tcp("unix:/run/scanmilter/scanmilter.sock")
-    assert not transport.is_tcp("local:/run/x.sock")
+    assert nodelay.is_tcp("inet:8890@127.0.0.1") and nodelay.is_tcp("inet6:8890@[::1]")
+    assert not nodelay.is_tcp("unix:/run/scanmilter/scanmilter.sock")
+    assert not nodelay.is_tcp("local:/run/x.sock")
 
 
 def test_nodelay_set_on_the_new_listener_reaches_accepted_connections(tmp_path):
@@ -30,7 +30,7 @@ def test_nodelay_set_on_the_new_listener_reaches_accepted_connections(tmp_path):
         return "result"
 
     counts = []
-    wrapped = transport.set_nodelay_on_new_listeners(open_socket, counts.append)
+    wrapped = nodelay.set_nodelay_on_new_listeners(open_socket, counts.append)
     assert wrapped(True) == "result"
     assert counts == [1]
     listener = opened[0]
@@ -46,10 +46,10 @@ def test_nodelay_set_on_the_new_listener_reaches_accepted_connections(tmp_path):
 
 def test_no_listener_is_reported_as_zero():
     counts = []
-    transport.set_nodelay_on_new_listeners(lambda: None, counts.append)()
+    nodelay.set_nodelay_on_new_listeners(lambda: None, counts.append)()
     assert counts == [0]
     fd = os.open(os.devnull, os.O_RDONLY)
     try:
-        assert not transport.set_nodelay_if_tcp_listener(fd)
+        assert not nodelay.set_nodelay_if_tcp_listener(fd)
     finally:
         os.close(fd)

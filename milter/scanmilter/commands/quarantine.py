@@ -15,15 +15,15 @@ import re
 import sys
 import time
 
-from . import config, quarantine
-from .logs import escape
+from .. import config, quarantine
+from ..logs import escape
+from ..quarantine import learn, release
+from ..scanners import EngineError, parse_client_socket, spamd
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_RELEASE_FAILED, EXIT_LEARN_FAILED, EXIT_INCOMPLETE = 0, 1, 2, 3, 4, 5
 DEFAULT_CONFIG = "/etc/scanmilter/scanmilter.toml"
 PREVIEW_LINES = 20          # lines of body text `show` prints
 SHOWN_HEADERS = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To")
-_DURATION = re.compile(r"(\d+)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 class UsageError(Exception):
@@ -32,10 +32,10 @@ class UsageError(Exception):
 
 def duration(text: str) -> float:
     """"30d", "12h", "90m", "2w" -> seconds."""
-    m = _DURATION.fullmatch(text.strip())
-    if not m:
-        raise UsageError(f"{text!r} is not a duration such as 30d, 12h, 90m or 2w")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return config.duration(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def moment(text: str) -> float:
@@ -63,16 +63,10 @@ def config_path(given: str | None) -> str | None:
 
 def _open(args) -> tuple[quarantine.Store, config.Values]:
     cfg = config.load(config_path(args.config))
-    if not cfg.quarantine_directory:
+    store = quarantine.open_store(cfg, command=True)
+    if store is None:
         raise config.ConfigError(f"{cfg.source}: quarantine_directory is not set; there is no quarantine")
-    directory = os.path.abspath(cfg.quarantine_directory)
-    parent = os.path.dirname(directory)
-    if (os.path.isdir(directory) and not os.access(directory, os.R_OK | os.X_OK)) \
-            or (os.path.isdir(parent) and not os.access(parent, os.X_OK)):
-        # said here: the store would report a failure to create what this user cannot see
-        raise config.ConfigError(f"{directory}: cannot open the quarantine: Permission denied (run this as root "
-                                 "or as the daemon's user)")
-    return quarantine.Store(directory), cfg
+    return store, cfg
 
 
 def _ago(t: float) -> str:
@@ -83,10 +77,10 @@ def _ago(t: float) -> str:
     return f"{s:.0f}s ago"
 
 
-def _verdict(meta: dict) -> str:
-    if meta.get("viruses"):
-        return ",".join(meta["viruses"])
-    return "-" if meta.get("score") is None else f"{meta['score']:.1f}"
+def _verdict(entry: quarantine.Entry) -> str:
+    if entry.viruses:
+        return ",".join(entry.viruses)
+    return "-" if entry.score is None else f"{entry.score:.1f}"
 
 
 def _filters(args) -> dict:
@@ -109,13 +103,12 @@ def cmd_list(store, cfg, args) -> int:
           f"{'-Score/Virus-':<18} -Sender/Recipient-")
     total = 0
     for e in entries:
-        m = e.meta
-        total += m.get("size", 0)
-        held = time.strftime("%a %b %d %H:%M", time.localtime(m["time"]))
-        released = " (released)" if m.get("released") else ""
-        print(f"{e.id:<25} {m.get('size', 0):>8} {held:<19} {m.get('reason', ''):<10} "
-              f"{escape(_verdict(m), 18):<18} {escape(m.get('sender') or '<>')}{released}")
-        for r in m.get("recipients", []):
+        total += e.size
+        held = time.strftime("%a %b %d %H:%M", time.localtime(e.time))
+        released = " (released)" if e.released else ""
+        print(f"{e.id:<25} {e.size:>8} {held:<19} {e.reason:<10} "
+              f"{escape(_verdict(e), 18):<18} {escape(e.sender or '<>')}{released}")
+        for r in e.recipients:
             print(f"{'':<85}{escape(r)}")
     print(f"-- {total / 1024:.0f} Kbytes in {len(entries)} {'entry' if len(entries) == 1 else 'entries'}.")
     return EXIT_OK
@@ -158,18 +151,17 @@ def cmd_show(store, cfg, args) -> int:
         for name, value in msg.items():
             print(escape(f"{name}: {_decoded(str(value))}", 2000))
         return EXIT_OK
-    m = entry.meta
-    rows = [("id", entry.id), ("held", f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(m['time']))} "
-                                      f"({_ago(m['time'])})"),
-            ("queue id", m.get("queue_id") or "-"), ("from", f"<{m.get('sender', '')}>"),
-            ("to", ", ".join(f"<{r}>" for r in m.get("recipients", []))),
-            ("client", client(m.get("client_name", ""), m.get("client_address", ""))
-                       + (f", SASL user {m['auth_user']}" if m.get("auth_user") else "")),
-            ("direction", m.get("direction", "")), ("reason", m.get("reason", "")), ("why", m.get("rule", "")),
-            ("spam score", "-" if m.get("score") is None else f"{m['score']:.1f}"),
-            ("rules hit", ", ".join(m.get("rules", [])) or "-"), ("viruses", ", ".join(m.get("viruses", [])) or "-"),
-            ("size", f"{m.get('size', 0)} bytes")]
-    for rel in m.get("released", []):
+    rows = [("id", entry.id), ("held", f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(entry.time))} "
+                                      f"({_ago(entry.time)})"),
+            ("queue id", entry.queue_id or "-"), ("from", f"<{entry.sender}>"),
+            ("to", ", ".join(f"<{r}>" for r in entry.recipients)),
+            ("client", client(entry.client_name, entry.client_address)
+                       + (f", SASL user {entry.auth_user}" if entry.auth_user else "")),
+            ("direction", entry.direction), ("reason", entry.reason), ("why", entry.rule),
+            ("spam score", "-" if entry.score is None else f"{entry.score:.1f}"),
+            ("rules hit", ", ".join(entry.rules) or "-"), ("viruses", ", ".join(entry.viruses) or "-"),
+            ("size", f"{entry.size} bytes")]
+    for rel in entry.released:
         stripped = rel.get("stripped")
         rows.append(("released", f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rel['at']))} by "
                                  f"{rel.get('by')} to {', '.join(rel.get('to', []))}"
@@ -206,13 +198,13 @@ def _body_text(data: bytes) -> str:
 
 
 def cmd_release(store, cfg, args) -> int:
-    kind, address = config.parse_client_socket(cfg.quarantine_release_address)
+    kind, address = parse_client_socket(cfg.quarantine_release_address)
     if kind != "inet":
         raise UsageError("quarantine_release_address must be inet:HOST:PORT")
     try:
-        sent = quarantine.release(store, args.id, address, args.by, args.to or None, args.force,
-                                  cfg.quarantine_release_timeout)
-    except (quarantine.ReleaseError, quarantine.StoreError) as e:
+        sent = release.release(store, args.id, address, args.by, args.to or None, args.force,
+                               cfg.quarantine_release_timeout)
+    except (release.ReleaseError, quarantine.StoreError) as e:
         if isinstance(e, quarantine.NotFound):
             raise
         print(f"scanmilter: release {escape(args.id, 64)}: {escape(str(e), 2000)}", file=sys.stderr)
@@ -224,12 +216,10 @@ def cmd_release(store, cfg, args) -> int:
 
 
 def _learn(store, cfg, ids, message_class: str, by: str) -> int:
-    from .app import spamd_client
-    from .scanners import EngineError
-    spamd, failed, missing = spamd_client(cfg), 0, 0
+    client, failed, missing = spamd.from_settings(cfg), 0, 0
     for entry_id in ids:
         try:
-            fresh = quarantine.learn(store, entry_id, spamd, message_class, by)
+            fresh = learn.learn(store, entry_id, client, message_class, by)
         except quarantine.NotFound as e:
             print(f"scanmilter: {escape(str(e))}", file=sys.stderr)
             missing += 1
@@ -276,7 +266,7 @@ def cmd_purge(store, cfg, args) -> int:
     old = quarantine.purge(store, age, args.dry_run, failed)
     for entry_id, reason in failed:
         print(f"scanmilter: purge {entry_id}: {escape(reason)}", file=sys.stderr)
-    size = sum(e.meta.get("size", 0) for e in old)
+    size = sum(e.size for e in old)
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb} {len(old)} {'entry' if len(old) == 1 else 'entries'} ({size} bytes) older than {age:.0f}s"
           + (f"; {len(failed)} could not be deleted" if failed else ""))

@@ -1,4 +1,4 @@
-"""The milter socket's transport, and what TCP needs so that Postfix never waits on it.
+"""TCP_NODELAY on libmilter's listening socket, and what else TCP needs so that Postfix never waits.
 
 Over TCP two 40 ms stalls per message come from Nagle's algorithm meeting delayed
 acknowledgements. libmilter writes "add header" and "accept" as separate small packets, so

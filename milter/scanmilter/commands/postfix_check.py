@@ -17,13 +17,13 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-from . import config, miltertalk, policyfile
+from .. import config, policyfile
+from . import miltertalk
 
 CONTENT_TIMEOUT_MARGIN = 5.0     # seconds Postfix should wait beyond scanmilter's slowest engine
 CONNECT_TIMEOUT = 10.0           # seconds the live check waits to connect and for the milter's answer
 TRANSPORTS = ("unix", "inet", "local")   # what Postfix's milter client accepts before the ':'
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
-_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dataclass
@@ -51,9 +51,10 @@ def _parse_params(text: str) -> dict[str, str]:
     return params
 
 
-def read_postfix(main_cf: str | None) -> tuple[dict[str, str], dict[str, str], list[Service]]:
-    """Postfix's parameters, effective ($names expanded) and as written, and master.cf services:
-    of the running system, or of a given main.cf with the master.cf beside it."""
+def read_postfix(main_cf: str | None) -> tuple[dict[str, str], dict[str, str], list[Service], str]:
+    """Postfix's parameters, effective ($names expanded) and as written, master.cf services, and
+    "" or why master.cf could not be read: of the running system, or of a given main.cf with the
+    master.cf beside it."""
     binary = shutil.which("postconf") or "/usr/sbin/postconf"
 
     def postconf(*args):
@@ -77,31 +78,35 @@ def read_postfix(main_cf: str | None) -> tuple[dict[str, str], dict[str, str], l
         return params, written, list(services.values())
 
     if main_cf is None:
-        return read()
+        return (*read(), "")
     with tempfile.TemporaryDirectory() as d:
         shutil.copy(main_cf, os.path.join(d, "main.cf"))
         master = os.path.join(os.path.dirname(os.path.abspath(main_cf)), "master.cf")
-        if os.path.exists(master):
+        unread = ""
+        try:
             shutil.copy(master, os.path.join(d, "master.cf"))
-        else:
+        except OSError as e:
+            unread = f"{master}: {e.strerror or e}"
             open(os.path.join(d, "master.cf"), "w").close()
         # postconf waits for a file written within the last second to settle; these copies will not change
         for name in ("main.cf", "master.cf"):
             os.utime(os.path.join(d, name), (0, 0))
-        return read("-c", d)
+        return (*read("-c", d), unread)
 
 
-def clamd_conf(path: str) -> dict[str, str]:
+def clamd_conf(path: str) -> tuple[dict[str, str], str]:
+    """clamd.conf's settings, and "" or why the file could not be read."""
     values = {}
     try:
-        for line in open(path):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                key, _, value = line.partition(" ")
-                values[key] = value.strip()
-    except OSError:
-        pass
-    return values
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    key, _, value = line.partition(" ")
+                    values[key] = value.strip()
+    except OSError as e:
+        return {}, f"{path}: {e.strerror or e}"
+    return values, ""
 
 
 def size(text: str) -> int:
@@ -109,13 +114,6 @@ def size(text: str) -> int:
     if not m:
         raise ValueError(text)
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
-
-
-def seconds(text: str) -> float:
-    m = re.fullmatch(r"(\d+)([smhdw]?)", text.strip())
-    if not m:
-        raise ValueError(text)
-    return int(m.group(1)) * _TIME_UNITS[m.group(2) or "s"]
 
 
 def _macros(value: str) -> set[str]:
@@ -312,7 +310,7 @@ def check(params: dict[str, str], written: dict[str, str], cfg, policy, clamd: d
     if int(params.get("milter_protocol", "6") or 6) < 6:
         warning("milter_protocol is below 6", "postconf -e 'milter_protocol = 6'")
     deadline = max([cfg.clamd_timeout if cfg.clamd_enabled else 0, cfg.spamd_timeout if cfg.spamd_enabled else 0])
-    content_timeout = seconds(params.get("milter_content_timeout", "300s"))
+    content_timeout = config.duration(params.get("milter_content_timeout", "300s"), default_unit="s")
     if content_timeout < deadline + CONTENT_TIMEOUT_MARGIN:
         error(f"milter_content_timeout ({content_timeout:.0f}s) is not above scanmilter's scan deadline "
               f"({deadline:.0f}s): Postfix gives up before the answer",
@@ -359,6 +357,20 @@ def check(params: dict[str, str], written: dict[str, str], cfg, policy, clamd: d
                   f"clamd_size_limit = {stream_max}, or raise StreamMaxLength in clamd.conf")
     if not socket_checked_live:
         out += _socket_permissions(cfg, _postfix_user(params))
+    return out
+
+
+def unread_files(cfg, master_unread: str, clamd_unread: str) -> list[Finding]:
+    """A warning for each file that could not be read, naming the checks left out for it."""
+    out = []
+    if master_unread:
+        out.append(Finding("warning", f"cannot read master.cf ({master_unread}): which services run chrooted, and "
+                                      "their milter overrides, were not checked",
+                           "put main.cf and master.cf side by side, readable by this user (or run as root)"))
+    if clamd_unread and cfg.clamd_enabled:
+        out.append(Finding("warning", f"cannot read clamd.conf ({clamd_unread}): StreamMaxLength and "
+                                      "AlertExceedsMax were not checked",
+                           "--clamd-conf with the clamd.conf of the clamd that clamd_socket names (or run as root)"))
     return out
 
 
@@ -454,26 +466,35 @@ def _probe(address: str, timeout: float) -> tuple[str, str, int]:
     return "ok", "", 0
 
 
-def _probe_as(user: pwd.struct_passwd, address: str, timeout: float) -> tuple[str, str, int]:
-    """_probe in a child process with the user's uid and primary group, and no other group: the
-    identity Postfix's smtpd and cleanup run with."""
+def in_child_as(user: pwd.struct_passwd, func) -> tuple[int, bytes]:
+    """func(fd) in a forked child with the user's uid and primary group and no other group (the
+    identity Postfix's smtpd and cleanup run with); (its exit status, what it wrote to fd). A fork
+    keeps the modules already imported: the interpreter itself may sit where that user cannot read."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                  # the child: never returns into the caller
-        status = 1
+        status = 255
         try:
             os.close(r)
             os.setgroups([user.pw_gid])
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
-            os.write(w, json.dumps(_probe(address, timeout)).encode())
-            status = 0
+            status = func(w)
         finally:
-            os._exit(status)
+            os._exit(status if isinstance(status, int) else 255)
     os.close(w)
     with os.fdopen(r, "rb") as f:
         data = f.read()
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), data
+
+
+def _probe_as(user: pwd.struct_passwd, address: str, timeout: float) -> tuple[str, str, int]:
+    """_probe as `user`, in a child process (see in_child_as)."""
+    def probe(fd: int) -> int:
+        os.write(fd, json.dumps(_probe(address, timeout)).encode())
+        return 0
+    _, data = in_child_as(user, probe)
     if not data:
         return "protocol", f"the check as user {user.pw_name} could not run", 0
     kind, text, number = json.loads(data)
@@ -538,13 +559,14 @@ def live_checks(cfg, params: dict[str, str], timeout: float) -> tuple[list[Findi
 
 def run(config_path: str | None, main_cf: str | None, clamd_path: str, out=print, connect: bool = True,
         timeout: float = CONNECT_TIMEOUT) -> int:
-    cfg = config.load(config_path)
-    policy = policyfile.load(cfg.policy_file, quarantine_available=bool(cfg.quarantine_directory))
-    params, written, services = read_postfix(main_cf)
+    cfg, policy, _ = policyfile.load_settings_and_policy(config_path)
+    params, written, services, master_unread = read_postfix(main_cf)
+    clamd, clamd_unread = clamd_conf(clamd_path)
     # a socket that is not there yet is judged by milter_socket_mode, one that is by connecting
     live_socket = connect and kind_of(cfg.milter_socket) == "unix" and os.path.exists(
         cfg.milter_socket.partition(":")[2])
-    findings = check(params, written, cfg, policy, clamd_conf(clamd_path), services, socket_checked_live=live_socket)
+    findings = unread_files(cfg, master_unread, clamd_unread)
+    findings += check(params, written, cfg, policy, clamd, services, socket_checked_live=live_socket)
     passed = ""
     if connect:
         live, passed = live_checks(cfg, params, timeout)
