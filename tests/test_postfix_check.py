@@ -364,3 +364,10 @@ def test_outbound_services_need_daemon_name(tmp_path, capsys):
     rc, out = check(tmp_path, capsys, main_cf=GOOD + "milter_connect_macros = j _\n",
                     settings=f'policy_file = "{tmp_path}/policy.toml"\n')
     assert rc == 1 and "lacks {daemon_name}" in out
+
+
+def test_the_scan_deadline_follows_the_spam_engine_in_force(tmp_path, capsys):
+    rc, out = check(tmp_path, capsys, settings='spam_engine = "rspamd"\nrspamd_timeout = 400.0\n')
+    assert rc == 1 and "milter_content_timeout (300s) is not above scanmilter's scan deadline (400s)" in out, out
+    rc, out = check(tmp_path, capsys, settings='spam_engine = "rspamd"\nspamd_timeout = 400.0\n')
+    assert "milter_content_timeout" not in out, out          # spamd is not asked

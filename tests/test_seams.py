@@ -96,7 +96,10 @@ def test_a_third_engine_is_its_module_its_settings_and_one_entry_in_the_table(tm
 
 def test_engines_are_built_only_when_enabled_slowest_first():
     cfg = config.parse(config.DAEMON_SETTINGS, {}, "test")
-    assert [e.name for e in scanners.from_settings(cfg)] == list(scanners.ENGINES) == ["spamd", "clamd"]
+    assert list(scanners.ENGINES) == ["spamd", "rspamd", "clamd"]
+    assert [e.name for e in scanners.from_settings(cfg)] == ["spamd", "clamd"]       # spam_engine = "spamd"
+    rspamd = config.parse(config.DAEMON_SETTINGS, {"spam_engine": "rspamd"}, "test")
+    assert [e.name for e in scanners.from_settings(rspamd)] == ["rspamd", "clamd"]
     cfg = config.parse(config.DAEMON_SETTINGS, {"spamd_enabled": False}, "test")
     assert [e.name for e in scanners.from_settings(cfg)] == ["clamd"]
 

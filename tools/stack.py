@@ -29,6 +29,7 @@ import procs
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = ("clamd", "spamd", "sink", "scanmilter", "postfix")  # start order
+RSPAMD_SERVICES = ("redis", "rspamd")  # only with Stack(rspamd=True); see "rspamd" below
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL (libmilter notices shutdown every 5 s)
 DEBIAN_MASTER_CF = Path("/usr/share/postfix/master.cf.dist")          # Debian installs it as master.cf
 DEBIAN_CONFIGURE_INSTANCE = Path("/usr/lib/postfix/configure-instance.sh")  # fills the chroot
@@ -156,7 +157,8 @@ class Stack:
     def __init__(self, root, *, smtp_port=2525, with_milter=True, milter_cmd=None,
                  scanmilter_settings=None, policy_text=None, spamd_children=2, clamd_settings=None,
                  milter_inet_port=None, spamd_learning=False, debian_master=False, queue_dir=None,
-                 milter_socket=None, postfix_settings=None, before_start=None, quarantine=False):
+                 milter_socket=None, postfix_settings=None, before_start=None, quarantine=False,
+                 rspamd=False, clamd_members=1, spamd_members=1):
         self.root = Path(root).resolve()
         self.smtp_port, self.with_milter, self.spamd_children = smtp_port, with_milter, spamd_children
         self.milter_cmd = milter_cmd  # list of str; "{socket}", "{config}", "{root}" are filled in
@@ -196,6 +198,8 @@ class Stack:
         self.before_start = before_start   # called with the stack once its files exist, before any service
         self.logs = {name: r / name / f"{name}.log" for name in SERVICES}
         self._procs = {}
+        self._init_rspamd(rspamd)
+        self._init_members(clamd_members, spamd_members)
 
     def __enter__(self):
         self.start()
@@ -209,8 +213,75 @@ class Stack:
         self._make_directories()
         self._write_clamd()
         self._write_spamd()
+        self._write_members()
         self._write_scanmilter()
         self._write_postfix()
+        if self.rspamd:
+            self._write_rspamd()
+
+    # ------------------------------------------------------------ pools: several clamd and spamd
+    # clamd_members=N, spamd_members=N: members past the first are services of their own, named
+    # clamd-2, spamd-2, ..., each with its directory DIR/NAME, socket or port, pid file and log;
+    # scanmilter's clamd_socket and spamd_socket then list every member.
+    def _init_members(self, clamd_members, spamd_members):
+        self.member_services = ([f"clamd-{i}" for i in range(2, clamd_members + 1)]
+                                + [f"spamd-{i}" for i in range(2, spamd_members + 1)])
+        self.member_ports = {name: free_port() for name in self.member_services}
+        for name in self.member_services:
+            self.logs[name] = self.root / name / f"{name}.log"
+
+    def member_clamd_socket(self, name):
+        return self.clamd_socket if name == "clamd" else self.root / name / "clamd.sock"
+
+    def member_port(self, name):
+        """The TCP port of a member: spamd's only one, clamd's besides its unix socket."""
+        if name == "spamd":
+            return self.spamd_port
+        return self.clamd_port if name == "clamd" else self.member_ports[name]
+
+    def members(self, engine):
+        """The service names of an engine's members, the first being the plain service."""
+        return [engine] + [n for n in self.member_services if n.startswith(f"{engine}-")]
+
+    def member_address(self, name):
+        """A member's address as scanmilter's settings name it."""
+        if name.startswith("clamd"):
+            return f"unix:{self.member_clamd_socket(name)}"
+        return f"inet:127.0.0.1:{self.member_port(name)}"
+
+    def _write_members(self):
+        base = (self.root / "clamd/clamd.conf").read_text().splitlines()
+        for name in self.member_services:
+            d = self.root / name
+            (d / "tmp").mkdir(parents=True, exist_ok=True)
+            if name.startswith("clamd"):
+                own = {"LocalSocket": self.member_clamd_socket(name), "TCPSocket": self.member_ports[name],
+                       "TemporaryDirectory": d / "tmp", "PidFile": d / "clamd.pid", "LogFile": self.logs[name]}
+                lines = [f"{k} {own[k]}" if k in own else ln for ln in base for k in [ln.partition(" ")[0]]]
+                (d / "clamd.conf").write_text("\n".join(lines) + "\n")
+
+    def _member_command(self, name):
+        d = self.root / name
+        if name.startswith("clamd"):
+            return [procs.binary("clamd"), "-c", str(d / "clamd.conf")]
+        cmd = self._command("spamd")
+        for flag, value in (("-p", self.member_ports[name]), ("-r", d / "spamd.pid"), ("-s", self.logs[name])):
+            cmd[cmd.index(flag) + 1] = str(value)
+        return cmd
+
+    def _member_ready(self, name):
+        if name.startswith("clamd"):
+            return (procs.chat(self.member_clamd_socket(name), b"zPING\0") or b"").startswith(b"PONG")
+        return b"SPAMD/1.5 0 PONG" in (procs.chat(self.member_ports[name], b"PING SPAMC/1.5\r\n\r\n") or b"")
+
+    def _member_settings(self):
+        """clamd_socket and spamd_socket as lists when an engine has several members."""
+        out = {}
+        for engine in ("clamd", "spamd"):
+            if len(self.members(engine)) > 1:
+                out[f"{engine}_socket"] = [self.member_address(n) for n in self.members(engine)]
+        return out
+    # ------------------------------------------------------------ end of pools
 
     def _make_directories(self):
         r = self.root
@@ -260,7 +331,8 @@ class Stack:
         """The scanmilter settings that reach this stack's clamd, spamd and release smtpd."""
         return {"clamd_socket": f"unix:{self.clamd_socket}",
                 "spamd_socket": f"inet:127.0.0.1:{self.spamd_port}",
-                "quarantine_release_address": f"inet:127.0.0.1:{self.release_port}"}
+                "quarantine_release_address": f"inet:127.0.0.1:{self.release_port}",
+                **self.rspamd_settings(), **self._member_settings()}
 
     def _write_scanmilter(self):
         settings = {"milter_socket": self.milter_address, "milter_socket_mode": "0666",
@@ -314,6 +386,8 @@ class Stack:
     # ------------------------------------------------------------ one service
     def _command(self, name):
         r = self.root
+        if name in self.member_services:
+            return self._member_command(name)
         if name == "clamd":
             return [procs.binary("clamd"), "-c", str(r / "clamd/clamd.conf")]
         if name == "spamd":
@@ -331,6 +405,8 @@ class Stack:
                     for a in cmd]
         if name == "postfix":
             return [procs.binary("postfix"), "-c", str(self.postfix_conf), "start-fg"]
+        if name in RSPAMD_SERVICES:
+            return self._rspamd_command(name)
         raise ValueError(f"unknown service {name!r}")
 
     def _pidfile(self, name):
@@ -360,7 +436,8 @@ class Stack:
 
     def _outfile(self, name):
         """Where stdout+stderr go: clamd and spamd copy their log there, so keep it apart."""
-        return self.root / name / f"{name}.out" if name in ("clamd", "spamd") else self.logs[name]
+        return self.root / name / f"{name}.out" if name in ("clamd", "spamd", "rspamd", *self.member_services) \
+            else self.logs[name]
 
     def _tails(self, name):
         files = dict.fromkeys([self.logs[name], self._outfile(name)])
@@ -372,6 +449,8 @@ class Stack:
         if proc.poll() is not None:
             raise StackError(f"{name} exited with status {proc.returncode};{self._tails(name)}")
         try:
+            if name in self.member_services:
+                return self._member_ready(name)
             if name == "clamd":
                 return (procs.chat(self.clamd_socket, b"zPING\0") or b"").startswith(b"PONG")
             if name == "spamd":
@@ -380,6 +459,8 @@ class Stack:
                 return procs.accepts(self.milter_inet_port or self.milter_socket)
             if name == "sink":
                 return (procs.chat(self.sink_port) or b"").startswith(b"220")
+            if name in RSPAMD_SERVICES:
+                return self._rspamd_ready(name)
             if name == "postfix":
                 if not (procs.chat(self.smtp_port) or b"").startswith(b"220"):
                     return False
@@ -414,6 +495,87 @@ class Stack:
             raise StackError(f"{name}: pids {left} survived SIGKILL")
         self._pidfile(name).remove()
 
+    # ------------------------------------------------------------ rspamd (Stack(rspamd=True))
+    # rspamd from Debian's package with a private configuration that keeps it on this machine:
+    # the modules that fetch maps or ask DNS are off, the shipped maps replace remote ones, DNS
+    # goes to a port where nothing listens, and rspamd runs in a network namespace of its own
+    # (unshare -n: not even lo is up), reached through unix sockets only. redis-server (no TCP)
+    # holds Bayes statistics, so that learning through the controller can be seen. DBDIR (the
+    # compiled hyperscan cache: ~7 s cold) survives a restart of the same stack.
+    RSPAMD_OFF = ("rbl", "surbl", "spf", "dkim", "dmarc", "arc", "asn", "emails", "hfilter", "fuzzy_check",
+                  "multimap", "phishing", "whitelist", "dcc", "mx_check", "rspamd_update", "url_redirector",
+                  "reputation", "neural", "ratelimit", "greylist", "replies", "history_redis",
+                  "external_services", "metadata_exporter", "clickhouse", "elastic", "p0f", "bimi", "aws_s3",
+                  "spamtrap", "dkim_signing")
+    RSPAMD_PASSWORD = "scanmilter-test-controller"
+
+    def _init_rspamd(self, rspamd):
+        self.rspamd = rspamd
+        self.rspamd_services = RSPAMD_SERVICES if rspamd else ()
+        d = self.root / "rspamd"
+        self.rspamd_dir, self.redis_socket = d, self.root / "redis" / "redis.sock"
+        self.rspamd_socket, self.rspamd_controller = d / "run" / "normal.sock", d / "run" / "controller.sock"
+        self.rspamd_password_file = d / "controller.password"
+        self.logs.update({"rspamd": d / "log" / "rspamd.log", "redis": self.root / "redis" / "redis.log"})
+
+    def rspamd_settings(self) -> dict:
+        if not self.rspamd:
+            return {}
+        return {"rspamd_socket": f"unix:{self.rspamd_socket}",
+                "rspamd_controller_address": f"unix:{self.rspamd_controller}",
+                "rspamd_password_file": str(self.rspamd_password_file)}
+
+    def _write_rspamd(self):
+        d = self.rspamd_dir
+        for sub in ("local.d", "override.d", "db", "run", "log"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        (self.root / "redis").mkdir(exist_ok=True)
+        for sub in ("db", "run", "log"):
+            _chown(d / sub, "_rspamd")
+        for module in self.RSPAMD_OFF:
+            (d / "local.d" / f"{module}.conf").write_text("enabled = false;\n")
+        conf = {
+            "override.d/mime_types.conf": 'file = ["${CONFDIR}/maps.d/mime_types.inc"];\n',
+            "override.d/mid.conf": 'source { url = ["${CONFDIR}/maps.d/mid.inc"]; }\n',
+            "local.d/options.inc": 'dns { nameserver = ["127.0.0.1:5353"]; timeout = 0.2s; retransmits = 1; }\n',
+            "override.d/worker-normal.inc": f'bind_socket = "{self.rspamd_socket} mode=0666"; count = 1;\n',
+            "override.d/worker-controller.inc": f'bind_socket = "{self.rspamd_controller} mode=0666"; count = 1;\n'
+                                                f'password = "{self.RSPAMD_PASSWORD}"; '
+                                                f'enable_password = "{self.RSPAMD_PASSWORD}";\n',
+            "override.d/worker-proxy.inc": f'bind_socket = "{d / "run" / "proxy.sock"} mode=0600"; '
+                                           'enabled = false;\n',
+            "local.d/redis.conf": f'servers = "{self.redis_socket}";\n',
+            "local.d/classifier-bayes.conf": f'backend = "redis"; servers = "{self.redis_socket}"; '
+                                             'min_learns = 1; autolearn = false;\n',
+            "override.d/logging.inc": 'level = "info";\n',
+        }
+        for name, text in conf.items():
+            (d / name).write_text(text)
+        self.rspamd_password_file.write_text(self.RSPAMD_PASSWORD + "\n")
+        os.chmod(self.rspamd_password_file, 0o600)
+        (self.root / "redis" / "redis.conf").write_text(
+            f"port 0\nunixsocket {self.redis_socket}\nunixsocketperm 777\ndir {self.root / 'redis'}\n"
+            f"save \"\"\nappendonly no\nlogfile {self.logs['redis']}\nprotected-mode no\n")
+
+    def _rspamd_command(self, name):
+        d = self.rspamd_dir
+        if name == "redis":
+            return [procs.binary("redis-server"), str(self.root / "redis" / "redis.conf")]
+        return [procs.binary("unshare"), "-n", procs.binary("rspamd"), "-f", "-c", "/etc/rspamd/rspamd.conf",
+                f"--var=LOCAL_CONFDIR={d}", f"--var=RUNDIR={d / 'run'}", f"--var=DBDIR={d / 'db'}",
+                f"--var=LOGDIR={d / 'log'}", "-u", "_rspamd", "-g", "_rspamd", "-p", str(d / "run" / "rspamd.pid")]
+
+    def _rspamd_ready(self, name):
+        if name == "redis":
+            return b"+PONG" in (procs.chat(self.redis_socket, b"PING\r\nQUIT\r\n") or b"")
+        return b"pong" in (procs.chat(self.rspamd_socket, b"GET /ping HTTP/1.0\r\n\r\n") or b"")
+
+    def rspamd_stat(self) -> dict:
+        """The controller's /stat (learned counts), as JSON."""
+        raw = procs.chat(self.rspamd_controller, f"GET /stat HTTP/1.0\r\nPassword: {self.RSPAMD_PASSWORD}"
+                         "\r\n\r\n".encode()) or b""
+        return json.loads(raw.partition(b"\r\n\r\n")[2] or b"{}")
+
     # ------------------------------------------------------------ the whole stack
     def start(self):
         """Stop any stack left running in this directory, then start all and wait until ready."""
@@ -430,12 +592,13 @@ class Stack:
             self.logs[name].write_bytes(b"")
             self._outfile(name).write_bytes(b"")
         try:
-            for name in ("clamd", "spamd", "sink", "postfix"):
+            for name in ("clamd", "spamd", "sink", "postfix", *self.rspamd_services, *self.member_services):
                 self._spawn(name)
             if self.with_milter:
-                self._wait_ready(["clamd", "spamd"])  # scanmilter may check its scanners at start-up
+                # scanmilter may check its scanners at start-up
+                self._wait_ready(["clamd", "spamd", *self.rspamd_services, *self.member_services])
                 self._spawn("scanmilter")
-            self._wait_ready([n for n in SERVICES if n in self._procs])
+            self._wait_ready([n for n in SERVICES + self.rspamd_services if n in self._procs])
         except BaseException:
             self.stop()
             raise
@@ -444,9 +607,9 @@ class Stack:
 
     def stop(self):
         """Stop everything recorded under DIR/run, all at once."""
-        entries = [e for n in SERVICES for e in self.pids(n)]
+        entries = [e for n in SERVICES + RSPAMD_SERVICES + tuple(self.member_services) for e in self.pids(n)]
         left = procs.stop(entries, STOP_TIMEOUT, reap=list(self._procs.values()))
-        for name in SERVICES:
+        for name in SERVICES + RSPAMD_SERVICES + tuple(self.member_services):
             self._pidfile(name).remove()
         (self.run_dir / "stack.json").unlink(missing_ok=True)
         if left:

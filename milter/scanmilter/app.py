@@ -46,7 +46,7 @@ def check_milter_extension() -> None:
 
 
 def build_pipeline(cfg, pool, health, metrics) -> Pipeline:
-    return Pipeline(scanners.from_settings(cfg), pool, health, metrics,
+    return Pipeline(scanners.from_settings(cfg, health, metrics), pool, health, metrics,
                     ScanCache(cfg.scan_cache_seconds, cfg.scan_cache_entries, cfg.scan_cache_ignored_headers),
                     cfg.clamd_head_start)
 
@@ -216,7 +216,8 @@ def reload(runtime, config_path: str | None) -> bool:
 
 
 def monitor(runtime) -> None:
-    """Between messages: ping the engines, read clamd's database version, size up the quarantine."""
+    """Between messages: ping the engines (every member of a pool), read clamd's database version,
+    size up the quarantine."""
     while True:
         try:
             check(runtime)
@@ -228,6 +229,8 @@ def monitor(runtime) -> None:
 def check(runtime) -> None:
     pipeline, m = runtime.pipeline, runtime.metrics
     for engine in pipeline.engines:
+        # a pool pings every member, dead ones too (they rejoin when they answer); the engine is
+        # up while any member is
         problem = engine.ping()
         pipeline.health.mark(engine.name, not problem, problem)
         if engine.name == "clamd" and not problem:

@@ -75,12 +75,14 @@ def _postfix_check(args) -> int:
 
 
 def _selftest(args) -> int:
+    from . import scanners
     from .commands.selftest import run
     try:
-        address = args.socket or config.load(quarantine_command.config_path(args.config)).milter_socket
+        cfg = None if args.socket else config.load(quarantine_command.config_path(args.config))
     except config.ConfigError as e:
         return _fatal(e)
-    return run(address, args.timeout)
+    # the members of each engine's pool are pinged as the configuration names them
+    return run(args.socket or cfg.milter_socket, args.timeout, engines=scanners.from_settings(cfg) if cfg else ())
 
 
 def _explain(args) -> int:

@@ -50,6 +50,17 @@ def _client_socket(v: str) -> str | None:
     return None
 
 
+def _client_sockets(v: Any) -> str | None:
+    """One engine address, or a list of them: a pool whose members share the engine's work."""
+    members = [v] if isinstance(v, str) else v
+    if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+        return "expected an address or a non-empty list of addresses"
+    if len(set(members)) != len(members):
+        return "an address is listed twice"
+    problems = [e for e in map(_client_socket, members) if e]
+    return problems[0] if problems else None
+
+
 def _octal(v: str) -> str | None:
     return None if re.fullmatch(r"0?[0-7]{3}", v) else 'expected an octal mode such as "0660"'
 
@@ -144,7 +155,8 @@ DAEMON_SETTINGS = [
             "to spamd; 0: both at once", zero_is_off=True),
     Setting("clamd_enabled", True, "switch", "scan for viruses with clamd"),
     Setting("clamd_socket", "unix:/run/clamav/clamd.ctl", "socket",
-            "clamd's address: unix:/path or inet:HOST:PORT", check=_client_socket),
+            "clamd's address: unix:/path or inet:HOST:PORT; a list of them: a pool (each message goes to the "
+            "least busy member that answers)", check=_client_sockets),
     Setting("clamd_connect_timeout", 2.0, "seconds", "how long to wait for clamd to accept a connection"),
     Setting("clamd_timeout", 30.0, "seconds", "how long a clamd scan may take in all"),
     Setting("clamd_size_limit", 25 * MiB, "bytes",
@@ -152,7 +164,8 @@ DAEMON_SETTINGS = [
             "StreamMaxLength; at or above message_size_limit leaves no gap)"),
     Setting("spamd_enabled", True, "switch", "score spam with SpamAssassin's spamd"),
     Setting("spamd_socket", "inet:127.0.0.1:783", "socket",
-            "spamd's address: unix:/path or inet:HOST:PORT", check=_client_socket),
+            "spamd's address: unix:/path or inet:HOST:PORT; a list of them: a pool (each message goes to the "
+            "least busy member that answers)", check=_client_sockets),
     Setting("spamd_connect_timeout", 2.0, "seconds", "how long to wait for spamd to accept a connection"),
     Setting("spamd_timeout", 30.0, "seconds", "how long a spamd check may take in all"),
     Setting("spamd_size_limit", 512 * KiB, "bytes",
@@ -161,6 +174,26 @@ DAEMON_SETTINGS = [
             "for a message over spamd_size_limit: send spamd only its first spamd_size_limit bytes, or skip "
             "spamd (the message then gets oversize_action)", choices=("skip", "truncate")),
     Setting("spamd_user", "", "text", "user name passed to spamd for per-user preferences; empty: none"),
+    Setting("spam_engine", "spamd", "choice",
+            "which engine scores spam: SpamAssassin's spamd or rspamd (its normal worker over HTTP)",
+            choices=("spamd", "rspamd")),
+    Setting("rspamd_enabled", True, "switch", 'score spam with rspamd when spam_engine = "rspamd"'),
+    Setting("rspamd_socket", "inet:127.0.0.1:11333", "socket",
+            "rspamd's normal worker (/checkv2): unix:/path or inet:HOST:PORT", check=_client_socket),
+    Setting("rspamd_connect_timeout", 2.0, "seconds", "how long to wait for rspamd to accept a connection"),
+    Setting("rspamd_timeout", 30.0, "seconds", "how long an rspamd check (or a learning) may take in all"),
+    Setting("rspamd_size_limit", 25 * MiB, "bytes",
+            "messages larger than this are not sent to rspamd (they get oversize_action); keep it at most "
+            "rspamd's max_message"),
+    Setting("rspamd_follow_action", False, "switch",
+            "follow rspamd's own action instead of our levels: reject -> reject, soft reject and greylist -> "
+            "tempfail, add header and rewrite subject -> tag"),
+    Setting("rspamd_virus_symbols", ["CLAM_VIRUS"], "list",
+            "rspamd symbols of its antivirus module whose options name viruses (they count as viruses found)"),
+    Setting("rspamd_controller_address", "inet:127.0.0.1:11334", "socket",
+            "rspamd's controller worker, for quarantine learning (/learnham, /learnspam)", check=_client_socket),
+    Setting("rspamd_password_file", "", "path",
+            "file holding the controller's password (its first line); empty: no password sent"),
 ]
 
 def _cidrs(v: list) -> str | None:
@@ -291,8 +324,8 @@ class Values:
 
 def _check_value(s: Setting, value: Any, where: str) -> Any:
     d = s.default
-    if s.check is _level:
-        pass                     # a number or "spamd": its check says which
+    if s.check in (_level, _client_sockets):
+        pass                     # a number or "spamd", an address or a list: its check says which
     elif isinstance(d, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {s.name} must be true or false, not {value!r}")
@@ -392,9 +425,13 @@ def size_gaps(cfg: Values) -> list[str]:
     if cfg.clamd_enabled and cfg.clamd_size_limit < cfg.message_size_limit:
         gaps.append(f"messages of {cfg.clamd_size_limit + 1} to {cfg.message_size_limit} bytes are not sent to "
                     f"clamd (clamd_size_limit {cfg.clamd_size_limit} < message_size_limit); they get oversize_action")
-    if cfg.spamd_enabled and cfg.spamd_oversize_action == "skip" and cfg.spamd_size_limit < cfg.message_size_limit:
+    if cfg.spamd_enabled and cfg.spam_engine == "spamd" and cfg.spamd_oversize_action == "skip" and cfg.spamd_size_limit < cfg.message_size_limit:
         gaps.append(f"messages of {cfg.spamd_size_limit + 1} to {cfg.message_size_limit} bytes are not sent to "
                     f"spamd (spamd_oversize_action = \"skip\", spamd_size_limit {cfg.spamd_size_limit}); they get "
+                    "oversize_action")
+    if cfg.spam_engine == "rspamd" and cfg.rspamd_enabled and cfg.rspamd_size_limit < cfg.message_size_limit:
+        gaps.append(f"messages of {cfg.rspamd_size_limit + 1} to {cfg.message_size_limit} bytes are not sent to "
+                    f"rspamd (rspamd_size_limit {cfg.rspamd_size_limit} < message_size_limit); they get "
                     "oversize_action")
     return gaps
 

@@ -196,7 +196,9 @@ class Handler(Milter.Base):
         envelope = P.Envelope(conn.client_address, msg.auth_user, conn.daemon_name, msg.sender,
                               tuple(msg.recipients))
         key = msg.fingerprint.digest() if msg.fingerprint else None
-        origin = dataclasses.replace(msg.origin, queue_id=qid)
+        # the envelope and direction too, for an engine that is told them (rspamd)
+        origin = dataclasses.replace(msg.origin, queue_id=qid, sender=msg.sender, recipients=tuple(msg.recipients),
+                                     direction=P.direction_of(envelope, msg.policy)[0])
         inspection = self.rt.pipeline.inspect(Submission(msg.spool, origin), envelope, msg.policy, key)
         outcome, verdict = inspection.outcome, inspection.verdict
         action, reply = outcome.action, outcome.reply

@@ -160,7 +160,7 @@ def scan_headers(verdict: Verdict, outcome: Outcome) -> list[tuple[str, str]]:
         else:
             value = f"unscanned ({_why(verdict, 'clamd')})"
         headers.append(("X-Virus-Status", value))
-    spam = verdict.engine_state("spamd")
+    spam = verdict.engine_state(verdict.spam_engine)
     if spam == "scanned" and verdict.score is not None:
         if lead.spam_flag:
             headers.append(("X-Spam-Flag", "YES"))
@@ -171,7 +171,7 @@ def scan_headers(verdict: Verdict, outcome: Outcome) -> list[tuple[str, str]]:
         headers.append(("X-Spam-Status", f"{'Yes' if lead.spam_flag else 'No'}, score={verdict.score:.1f} "
                                          f"required={float(level):.1f} tests={tests}"))
     elif spam != "absent":
-        headers.append(("X-Spam-Status", f"unscanned ({_why(verdict, 'spamd')})"))
+        headers.append(("X-Spam-Status", f"unscanned ({_why(verdict, verdict.spam_engine)})"))
     return headers
 
 

@@ -1,8 +1,9 @@
 """Every Prometheus metric scanmilter exports, defined here and nowhere else.
 
 Base units (seconds, bytes), `_total` counters, the `scanmilter_` prefix. Labels come only from
-small closed sets (direction, action, reason, engine, outcome, error kind, callback): never
-addresses, subjects or virus names. Pass a private registry in tests.
+small closed sets (direction, action, reason, engine, outcome, error kind, callback, and the
+member of an engine's pool, named by its address as configured): never a client's addresses,
+subjects or virus names. Pass a private registry in tests.
 """
 from __future__ import annotations
 
@@ -96,6 +97,24 @@ class Metrics:
         self.breaker_open = Gauge("scanmilter_engine_circuit_open",
                                   "1 while scans of a failing engine are skipped without trying", ["engine"],
                                   registry=r)
+        # the servers of each engine (one unless its socket setting lists several: a pool)
+        self.member_scans = Counter("scanmilter_member_scans_total",
+                                    "Scan attempts by engine, pool member and outcome",
+                                    ["engine", "member", "outcome"], registry=r)
+        self.member_scan_errors = Counter("scanmilter_member_scan_errors_total",
+                                          "Failed scan attempts by engine, pool member and kind",
+                                          ["engine", "member", "kind"], registry=r)
+        self.member_scan_seconds = Histogram("scanmilter_member_scan_duration_seconds",
+                                             "Time one pool member took for one message",
+                                             ["engine", "member"], buckets=LATENCY_BUCKETS, registry=r)
+        self.member_up = Gauge("scanmilter_member_up", "1 when the pool member answered its latest scan or check",
+                               ["engine", "member"], registry=r)
+        self.member_circuit_open = Gauge("scanmilter_member_circuit_open",
+                                         "1 while a failing pool member is left out of the rotation",
+                                         ["engine", "member"], registry=r)
+        self.member_failovers = Counter("scanmilter_member_failovers_total",
+                                        "Scans moved on to another pool member after one failed", ["engine"],
+                                        registry=r)
         Info("scanmilter_build", "scanmilter build information", registry=r).info(
             {"version": __version__, "python": platform.python_version()})
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from . import policy as P
 from .health import breaker_result
 from .scancache import ScanCache
-from .scanners import CACHED, DECIDED, ERROR, FOUND, OVERSIZE, SKIPPED, TIMEOUT, ScanResult, error_kind
+from .scanners import CACHED, DECIDED, ERROR, FOUND, OVERSIZE, SKIPPED, SPAM_ENGINES, TIMEOUT, ScanResult, error_kind
 from .verdict import Verdict, combine
 
 # Time the pipeline grants past an engine's own timeout before giving up on its thread
@@ -58,6 +58,8 @@ class Pipeline:
         self.engines, self.pool, self.health, self.metrics = engines, pool, health, metrics
         self.cache = cache if cache is not None else ScanCache(0, 0)
         self.head_start = head_start
+        # the engine whose score is the spam score (spam_engine), "spamd" when none runs
+        self.spam_engine = next((e.name for e in engines if e.name in SPAM_ENGINES), "spamd")
 
     def _scan_one(self, engine, spool, key: bytes | None = None) -> ScanResult:
         if key is not None:
@@ -130,7 +132,7 @@ class Pipeline:
     def inspect(self, spool, envelope: P.Envelope, policy: P.Policy,
                 key: bytes | None = None) -> Inspection:
         start = time.monotonic()
-        needed = P.engines_needed(envelope, policy)
+        needed = P.engines_needed(envelope, policy, self.spam_engine)
 
         def final(partial: list[ScanResult]) -> bool:
             rest = [ScanResult(e.name, SKIPPED, DECIDED) for e in self.engines

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .scanners import SPAM_ENGINES
 from .verdict import Verdict
 
 ACCEPT, REJECT, TEMPFAIL, DISCARD, QUARANTINE = "accept", "reject", "tempfail", "discard", "quarantine"
@@ -203,12 +204,13 @@ def block_reason(env: Envelope, recipient: str, policy: Policy) -> str:
     return _list_match(env, recipient, policy, "block")
 
 
-def engines_needed(env: Envelope, policy: Policy) -> set[str]:
-    """Which engines the decision can depend on: spamd is not asked about allow-listed mail."""
+def engines_needed(env: Envelope, policy: Policy, spam_engine: str = "spamd") -> set[str]:
+    """Which engines the decision can depend on: the spam engine (spamd or rspamd, whichever
+    runs) is not asked about allow-listed mail."""
     allowed = [bool(allow_reason(env, r, policy)) for r in env.recipients] or [False]
     needed = set()
     if not all(allowed):
-        needed.add("spamd")
+        needed.add(spam_engine)
     if not (all(allowed) and policy.allow_skips_virus_scan):
         needed.add("clamd")
     return needed
@@ -282,6 +284,15 @@ def decide_recipient(verdict: Verdict, env: Envelope, direction: str, recipient:
     if allowed:
         steps.append("spam: not checked (allow-listed)")
         score = None
+    elif score is not None and verdict.spam_action:
+        # rspamd_follow_action: the engine's own action decides, not our levels
+        steps.append(f"spam score {fmt_score(score)}: {verdict.spam_engine} action \"{verdict.spam_action}\" "
+                     "(rspamd_follow_action)")
+        why = f'{verdict.spam_engine} action "{verdict.spam_action}"'
+        if verdict.spam_action == "reject":
+            return done(REJECT, "spam", why, (*REPLY_REJECT, _text(s.spam_reply, verdict, verdict.spam_required())))
+        if verdict.spam_action in ("soft reject", "greylist"):
+            return done(TEMPFAIL, "spam", why, (*REPLY_TEMPFAIL, _text(s.tempfail_reply, verdict)))
     elif score is not None:
         reject_level, quarantine_level = _level(s.reject_level, verdict), _level(s.quarantine_level, verdict)
         steps.append(f"spam score {fmt_score(score)}: reject_level {fmt_score(reject_level)}, "
@@ -292,7 +303,8 @@ def decide_recipient(verdict: Verdict, env: Envelope, direction: str, recipient:
         if score >= quarantine_level:
             return done(QUARANTINE, "spam", origin("quarantine_level"), _quarantine_reply(s, verdict))
 
-    failed = [f"{e} {d}" for e, d in verdict.failed if e == "clamd" and scan_viruses or e == "spamd" and not allowed]
+    failed = [f"{e} {d}" for e, d in verdict.failed
+              if e == "clamd" and scan_viruses or e in SPAM_ENGINES and not allowed]
     if failed and s.scan_failure_action == TEMPFAIL:
         return done(TEMPFAIL, "scan-error", f"{'; '.join(failed)}; {origin('scan_failure_action')}",
                     (*REPLY_TEMPFAIL, _text(s.tempfail_reply, verdict)))
@@ -304,6 +316,11 @@ def decide_recipient(verdict: Verdict, env: Envelope, direction: str, recipient:
         return done(ACCEPT, "scan-error", f"{'; '.join(failed)}; {origin('scan_failure_action')}")
     if verdict.viruses and scan_viruses:
         return done(ACCEPT, "virus", "virus action tag: accepted with X-Virus-Status: infected")
+    if score is not None and verdict.spam_action:
+        if verdict.spam_action in ("add header", "rewrite subject"):
+            why = f'{verdict.spam_engine} action "{verdict.spam_action}"'
+            return done(ACCEPT, "tagged", why, flag=True, tag=s.subject_tag)
+        return done(ACCEPT, "ham", f'{verdict.spam_engine} action "{verdict.spam_action}"')
     if score is not None:
         flag = score >= _level(s.tag_level, verdict)
         tag = s.subject_tag if s.subject_tag and score >= _level(s.subject_tag_level, verdict) else ""

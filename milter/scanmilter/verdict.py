@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .scanners import CACHED, CLEAN, ERROR, FOUND, LIMITS, SIZE, SKIPPED, ScanResult
+from .scanners import CACHED, CLEAN, ERROR, FOUND, LIMITS, SIZE, SKIPPED, SPAM_ENGINES, ScanResult
 from .scanners.spamd import SPAMD_DEFAULT_REQUIRED
 
 # Names that travel into headers, replies and log lines: keep a safe alphabet only,
@@ -25,13 +25,16 @@ def safe_name(text: str, limit: int = 100) -> str:
 class Verdict:
     viruses: tuple[str, ...] = ()
     score: float | None = None           # None: spam not scored
-    spamd_required: float | None = None
+    spamd_required: float | None = None  # the spam engine's own required score (spamd's or rspamd's)
     rules: tuple[str, ...] = ()
     failed: tuple[tuple[str, str], ...] = ()     # (engine, detail)
     skipped: tuple[tuple[str, str], ...] = ()    # (engine, reason)
     engines: tuple[str, ...] = ()                # engines asked, in order
     oversize: bool = False          # over message_size_limit, or too big for an engine that was asked
     cached: tuple[str, ...] = ()                 # engines whose result came from the scan cache
+    spam_engine: str = "spamd"                   # the engine asked for the spam score
+    rule_scores: tuple[float, ...] = ()          # each rule's score, when the engine gives them (rspamd)
+    spam_action: str = ""                        # the spam engine's own action, when the admin follows it
 
     def engine_state(self, engine: str) -> str:
         """What became of one engine's scan: scanned (it answered, whatever it found), failed,
@@ -45,14 +48,17 @@ class Verdict:
         return "scanned"
 
     def spam_required(self) -> float:
-        """spamd's own required score, or SpamAssassin's default when spamd gave none."""
+        """The spam engine's own required score, or SpamAssassin's default when it gave none."""
         return self.spamd_required if self.spamd_required is not None else SPAMD_DEFAULT_REQUIRED
 
 
 def combine(results: list[ScanResult], oversize: bool = False) -> Verdict:
     viruses, rules, failed, skipped, cached = [], [], [], [], []
     score = required = None
+    spam_engine, rule_scores, action = "spamd", [], ""
     for r in results:
+        if r.engine in SPAM_ENGINES:
+            spam_engine = r.engine
         if r.detail == CACHED and r.outcome in (CLEAN, FOUND):
             cached.append(r.engine)
         if r.outcome == ERROR:
@@ -65,5 +71,8 @@ def combine(results: list[ScanResult], oversize: bool = False) -> Verdict:
         if r.score is not None:
             score, required = r.score, r.required
             rules += [safe_name(x) for x in r.rules]
+            rule_scores += r.rule_scores if len(r.rule_scores) == len(r.rules) else []
+            action = r.action
     return Verdict(tuple(viruses), score, required, tuple(rules), tuple(failed), tuple(skipped),
-                   tuple(r.engine for r in results), oversize, tuple(cached))
+                   tuple(r.engine for r in results), oversize, tuple(cached), spam_engine,
+                   tuple(rule_scores), action)

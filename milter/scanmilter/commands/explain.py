@@ -7,7 +7,7 @@ from .. import headers as H
 from .. import policy as P
 from ..message import Message, Spool
 from ..pipeline import Pipeline, scan_pool
-from ..scanners import CLEAN, FOUND, Origin, ScanResult, Submission
+from ..scanners import CLEAN, FOUND, SPAM_ENGINES, Origin, ScanResult, Submission
 from ..scanners.spamd import SPAMD_DEFAULT_REQUIRED
 from ..verdict import combine
 
@@ -47,12 +47,13 @@ def explain(data: bytes, envelope: P.Envelope, policy: P.Policy, engines: list, 
            f"to {', '.join(f'<{r}>' for r in envelope.recipients)}"]
     direction, why = P.direction_of(envelope, policy)
     out.append(f"direction: {direction} ({why})")
-    needed = P.engines_needed(envelope, policy)
+    spam_engine = next((e.name for e in engines if e.name in SPAM_ENGINES), "spamd")
+    needed = P.engines_needed(envelope, policy, spam_engine)
     if msg.spool.oversize:
         out.append(f"scan: none, the message is over message_size_limit ({size_limit} bytes)"
                    + (" (--score and --virus ignored)" if score is not None or viruses else ""))
     if (score is not None or viruses) and not msg.spool.oversize:
-        results = [ScanResult("spamd", CLEAN, score=score if score is not None else 0.0,
+        results = [ScanResult(spam_engine, CLEAN, score=score if score is not None else 0.0,
                               required=SPAMD_DEFAULT_REQUIRED)]
         results.append(ScanResult("clamd", FOUND, viruses=viruses) if viruses else ScanResult("clamd", CLEAN))
         results = [r for r in results if r.engine in needed]
@@ -65,7 +66,7 @@ def explain(data: bytes, envelope: P.Envelope, policy: P.Policy, engines: list, 
     for r in results:
         out.append(f"  {r.engine}: {r.outcome}{' ' + r.detail if r.detail else ''}; {_said(r)}; "
                    f"{r.seconds * 1000:.0f} ms")
-    skipped = sorted({"clamd", "spamd"} - needed)
+    skipped = sorted({"clamd", spam_engine} - needed)
     if skipped:
         out.append(f"  not asked: {', '.join(skipped)} (allow lists)")
     verdict = combine(results, oversize=msg.spool.oversize)

@@ -1,8 +1,8 @@
 """`scanmilter postfix-check`: read Postfix's configuration (through `postconf`, so Postfix's own
 defaults, $name expansion and master.cf parsing apply), clamd.conf and scanmilter's settings, and
 report every mismatch with its fix. Then, unless --no-connect, meet the running daemon as Postfix
-would: the socket exists, Postfix's user may connect to it, and a milter answers the negotiation.
-Exit 1 when there is an error, else 0."""
+would: the socket exists, Postfix's user may connect to it, and a milter answers the negotiation;
+and ping each member of an engine's pool of servers. Exit 1 when there is an error, else 0."""
 from __future__ import annotations
 
 import errno
@@ -309,7 +309,10 @@ def check(params: dict[str, str], written: dict[str, str], cfg, policy, clamd: d
                 "while scanmilter is down, instead of retried", "postconf -e 'milter_default_action = tempfail'")
     if int(params.get("milter_protocol", "6") or 6) < 6:
         warning("milter_protocol is below 6", "postconf -e 'milter_protocol = 6'")
-    deadline = max([cfg.clamd_timeout if cfg.clamd_enabled else 0, cfg.spamd_timeout if cfg.spamd_enabled else 0])
+    # the spam engine in force (spam_engine) judges the client and sets the deadline beside clamd
+    spam_on = getattr(cfg, f"{cfg.spam_engine}_enabled")
+    deadline = max([cfg.clamd_timeout if cfg.clamd_enabled else 0,
+                    getattr(cfg, f"{cfg.spam_engine}_timeout") if spam_on else 0])
     content_timeout = config.duration(params.get("milter_content_timeout", "300s"), default_unit="s")
     if content_timeout < deadline + CONTENT_TIMEOUT_MARGIN:
         error(f"milter_content_timeout ({content_timeout:.0f}s) is not above scanmilter's scan deadline "
@@ -320,12 +323,12 @@ def check(params: dict[str, str], written: dict[str, str], cfg, policy, clamd: d
                 "{mail_host} {mail_mailer}'")
     if policy.authenticated_is_outbound and "auth_authen" not in mail_macros:
         error("milter_mail_macros lacks {auth_authen}: authenticated senders would count as inbound", mail_fix)
-    elif cfg.spamd_enabled and "auth_authen" not in mail_macros:
+    elif spam_on and "auth_authen" not in mail_macros:
         warning("milter_mail_macros lacks {auth_authen}: spamd cannot see that a sender authenticated", mail_fix)
-    if cfg.spamd_enabled and "j" not in _macros(params.get("milter_connect_macros", "")):
+    if spam_on and "j" not in _macros(params.get("milter_connect_macros", "")):
         warning("milter_connect_macros lacks j: the Received line spamd sees names this host 'localhost'",
                 "postconf -e 'milter_connect_macros = j {daemon_name} {daemon_addr} v _'")
-    if cfg.spamd_enabled and "tls_version" not in _macros(params.get("milter_helo_macros", "")):
+    if spam_on and "tls_version" not in _macros(params.get("milter_helo_macros", "")):
         warning("milter_helo_macros lacks {tls_version}: spamd cannot see that a client used TLS",
                 "postconf -e 'milter_helo_macros = {tls_version} {cipher} {cipher_bits} {cert_subject} "
                 "{cert_issuer}'")
@@ -557,6 +560,29 @@ def live_checks(cfg, params: dict[str, str], timeout: float) -> tuple[list[Findi
     return out, (f"a milter answered at {address} ({as_whom})" if outcome == "ok" else "")
 
 
+def engine_checks(cfg) -> tuple[list[Finding], list[str]]:
+    """Ping each member of every engine that is on with a pool of servers: (findings, lines saying
+    how many answered). A pool none of whose members answers is an error (every message is
+    tempfailed, or passes unscanned); a dead member while others answer is a warning (mail flows,
+    with less to spare). An engine with one server is left to the daemon's own checks, as before
+    pools."""
+    from .. import scanners
+    out: list[Finding] = []
+    passed: list[str] = []
+    for engine in scanners.from_settings(cfg):
+        members = getattr(engine, "members", [])
+        if len(members) < 2:
+            continue
+        dead = [(m.name, p) for m in members if (p := m.scanner.ping())]
+        for name, problem in dead:
+            out.append(Finding("error" if len(dead) == len(members) else "warning",
+                               f"{engine.name} member {name} does not answer: {problem}",
+                               f"start it again, or take it out of {engine.name}_socket (while others answer, "
+                               "they take its mail)"))
+        passed.append(f"{engine.name}: {len(members) - len(dead)} of {len(members)} members answered")
+    return out, passed
+
+
 def run(config_path: str | None, main_cf: str | None, clamd_path: str, out=print, connect: bool = True,
         timeout: float = CONNECT_TIMEOUT) -> int:
     cfg, policy, _ = policyfile.load_settings_and_policy(config_path)
@@ -568,13 +594,18 @@ def run(config_path: str | None, main_cf: str | None, clamd_path: str, out=print
     findings = unread_files(cfg, master_unread, clamd_unread)
     findings += check(params, written, cfg, policy, clamd, services, socket_checked_live=live_socket)
     passed = ""
+    engines_passed: list[str] = []
     if connect:
         live, passed = live_checks(cfg, params, timeout)
+        findings += live
+        live, engines_passed = engine_checks(cfg)
         findings += live
     for f in findings:
         out(f"{f.level}: {f.text}\n  fix: {f.fix}")
     if passed:
         out(f"live: {passed}")
+    for line in engines_passed:
+        out(f"live: {line}")
     errors = sum(f.level == "error" for f in findings)
     out(f"{errors} error(s), {len(findings) - errors} warning(s)" if findings else "OK: no mismatches found")
     return 1 if errors else 0

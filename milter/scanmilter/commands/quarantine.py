@@ -1,6 +1,6 @@
 """`scanmilter quarantine ...`: review held mail the way `mailq`, `postqueue` and `postsuper` review
-the Postfix queue. Exit codes: 0 done, 1 not found, 2 usage, 3 release failed, 4 spamd did not
-learn (release --learn-ham, confirm), 5 some entries could not be handled (delete, purge, reindex
+the Postfix queue. Exit codes: 0 done, 1 not found, 2 usage, 3 release failed, 4 the spam engine
+(spamd, or rspamd's controller) did not learn (release --learn-ham, confirm), 5 some entries could not be handled (delete, purge, reindex
 go on past them and name them)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 from .. import config, quarantine
 from ..logs import escape
 from ..quarantine import learn, release
-from ..scanners import EngineError, parse_client_socket, spamd
+from ..scanners import EngineError, parse_client_socket, rspamd, spamd
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_RELEASE_FAILED, EXIT_LEARN_FAILED, EXIT_INCOMPLETE = 0, 1, 2, 3, 4, 5
 DEFAULT_CONFIG = "/etc/scanmilter/scanmilter.toml"
@@ -215,10 +215,18 @@ def cmd_release(store, cfg, args) -> int:
     return EXIT_OK
 
 
+def _learner(cfg):
+    """The spam engine's name and a maker of its learning client: spamd (TELL) or rspamd's controller."""
+    if cfg.spam_engine == "rspamd":
+        return "rspamd", lambda: rspamd.controller_from_settings(cfg)
+    return "spamd", lambda: spamd.from_settings(cfg)
+
+
 def _learn(store, cfg, ids, message_class: str, by: str) -> int:
-    client, failed, missing = spamd.from_settings(cfg), 0, 0
+    (engine, make), client, failed, missing = _learner(cfg), None, 0, 0
     for entry_id in ids:
         try:
+            client = client or make()       # an unreadable password file is this entry's error
             fresh = learn.learn(store, entry_id, client, message_class, by)
         except quarantine.NotFound as e:
             print(f"scanmilter: {escape(str(e))}", file=sys.stderr)
@@ -227,11 +235,11 @@ def _learn(store, cfg, ids, message_class: str, by: str) -> int:
             print(f"scanmilter: {escape(entry_id, 64)}: {escape(str(e))}", file=sys.stderr)
             failed += 1
         except (EngineError, OSError) as e:
-            print(f"scanmilter: {escape(entry_id, 64)}: spamd did not learn it as {message_class}: {escape(str(e))}",
-                  file=sys.stderr)
+            print(f"scanmilter: {escape(entry_id, 64)}: {engine} did not learn it as {message_class}: "
+                  f"{escape(str(e))}", file=sys.stderr)
             failed += 1
         else:
-            print(f"{entry_id}: learned as {message_class}" + ("" if fresh else " (spamd knew it already)"))
+            print(f"{entry_id}: learned as {message_class}" + ("" if fresh else f" ({engine} knew it already)"))
     return EXIT_LEARN_FAILED if failed else EXIT_NOT_FOUND if missing else EXIT_OK
 
 
@@ -324,10 +332,11 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="deliver again even if already released")
     p.add_argument("--by", default=getpass.getuser(), help="who releases (default: your login)")
     p.add_argument("--learn-ham", action="store_true",
-                   help="also teach spamd's Bayes filter that it is ham (spamd --allow-tell)")
+                   help="also teach the spam engine that it is ham (spamd --allow-tell, or rspamd's controller)")
     p.set_defaults(run=cmd_release)
     p = qs.add_parser("confirm", parents=[common],
-                      help="teach spamd's Bayes filter that entries are spam (spamd --allow-tell); they stay held")
+                      help="teach the spam engine that entries are spam (spamd --allow-tell, or rspamd's "
+                           "controller); they stay held")
     p.add_argument("ids", nargs="+")
     p.add_argument("--by", default=getpass.getuser(), help="who decides (default: your login)")
     p.set_defaults(run=cmd_confirm)

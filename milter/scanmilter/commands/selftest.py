@@ -57,7 +57,7 @@ def report(verdict, outcome, answer: str, held: str) -> str:
     return json.dumps({
         "viruses": list(verdict.viruses), "score": verdict.score, "required": verdict.spamd_required,
         "rules": list(verdict.rules), "clamd": _engine_state(verdict, "clamd"),
-        "spamd": _engine_state(verdict, "spamd"),
+        "spamd": _engine_state(verdict, verdict.spam_engine),     # the spam engine, whichever runs
         "failed": [list(f) for f in verdict.failed], "skipped": [list(s) for s in verdict.skipped],
         "decision": outcome.action, "reason": outcome.reason, "rule": lead.rule if lead else "",
         "answer": answer, "held": held}, separators=(",", ":"))
@@ -159,7 +159,29 @@ def judge(case: Case, a: Answer) -> tuple[str, str]:
     return "", shown
 
 
-def run(address: str, timeout: float = 60.0, out=print) -> int:
+def check_members(engines, out=print) -> int:
+    """For each engine with several servers (a pool), one line per member: PASS when it answers a
+    ping, FAIL with what went wrong. The cases above only show that the pool answered, not that
+    every member did. Returns the number of members that failed."""
+    failures = 0
+    for engine in engines:
+        members = getattr(engine, "members", [])
+        if len(members) < 2:
+            continue
+        for member in members:
+            start = time.monotonic()
+            problem = member.scanner.ping()
+            ms = (time.monotonic() - start) * 1000
+            if problem:
+                failures += 1
+                out(f"FAIL {engine.name} member {member.name}: {problem} ({ms:.0f} ms)")
+            else:
+                out(f"PASS {engine.name} member {member.name}: answers ({ms:.0f} ms)")
+    return failures
+
+
+def run(address: str, timeout: float = 60.0, out=print, engines=()) -> int:
+    """engines: the configured engines, whose pool members are checked one by one as well."""
     failures = 0
     run_id = secrets.token_hex(6)    # a Subject of its own, so that no result comes from the scan cache
     for case in cases():
@@ -185,4 +207,5 @@ def run(address: str, timeout: float = 60.0, out=print) -> int:
             out(f"FAIL {case.name}: {problem} ({ms:.0f} ms)")
         else:
             out(f"PASS {case.name}: {shown} ({ms:.0f} ms)")
+    failures += check_members(engines, out)
     return 1 if failures else 0

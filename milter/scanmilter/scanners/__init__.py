@@ -9,7 +9,9 @@ together with its `Origin` (where it came from), for engines that judge the clie
 the content.
 
 Adding an engine: a module here with the engine's class and `from_settings(cfg)`, an entry in
-ENGINES, and its settings (`<name>_enabled`, its socket and limits) in config.py.
+ENGINES, and its settings (`<name>_enabled`, its socket and limits) in config.py. When the socket
+setting is `<name>_socket`, it may list several servers: from_settings then calls the module's
+from_settings once per address and puts them in a Pool (pool.py), which looks like one engine.
 
 SECURITY: an engine's reply is untrusted input (a compromised or impostor server could send
 anything). Replies are read within one deadline and a size cap, parsed strictly, and anything
@@ -42,13 +44,48 @@ CACHED = "cached"
 # The engines, slowest first (the calling thread runs the first one): name -> its module
 # (relative to this package). Each module has `from_settings(cfg)`; the engine is on when the
 # setting `<name>_enabled` is true.
-ENGINES = {"spamd": ".spamd", "clamd": ".clamd"}
+ENGINES = {"spamd": ".spamd", "rspamd": ".rspamd", "clamd": ".clamd"}
 
 
-def from_settings(cfg) -> list:
-    """The engines that are on, slowest first."""
-    return [importlib.import_module(module, __name__).from_settings(cfg)
-            for name, module in ENGINES.items() if getattr(cfg, f"{name}_enabled")]
+# Engines that score spam: their result's score is the message's spam score. One of them runs,
+# the one named by the setting spam_engine.
+SPAM_ENGINES = ("spamd", "rspamd")
+
+
+def from_settings(cfg, health=None, metrics=None) -> list:
+    """The engines that are on, slowest first. An engine whose `<name>_socket` lists several
+    addresses is a pool of them (pool.py); one address is a pool of one, the same engine as
+    before pools. `health` and `metrics` follow each member of a pool."""
+    return [_build(name, module, cfg, health, metrics)
+            for name, module in ENGINES.items() if getattr(cfg, f"{name}_enabled")
+            and (name not in SPAM_ENGINES or name == cfg.spam_engine)]
+
+
+def _build(name: str, module: str, cfg, health, metrics):
+    from .pool import Member, Pool
+    build = importlib.import_module(module, __name__).from_settings
+    addresses = members(getattr(cfg, f"{name}_socket", None))
+    if addresses is None:       # an engine without a socket setting builds itself whole
+        return build(cfg)
+    servers = [Member(a, build(_MemberSettings(cfg, f"{name}_socket", a))) for a in addresses]
+    return Pool(name, servers, servers[0].scanner.timeout, health, metrics)
+
+
+def members(value) -> list[str] | None:
+    """The addresses of a socket setting: one address, or a list of them (a pool)."""
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+class _MemberSettings:
+    """The settings as one member of a pool sees them: its own address in the socket setting."""
+
+    def __init__(self, cfg, setting: str, address: str):
+        self._cfg, self._setting, self._address = cfg, setting, address
+
+    def __getattr__(self, name):
+        return self._address if name == self._setting else getattr(self._cfg, name)
 
 
 def parse_client_socket(v: str) -> tuple[str, Any]:
@@ -75,6 +112,11 @@ class Origin:
     tls: bool = False
     hostname: str = ""             # our own host name (Postfix's macro j)
     queue_id: str = ""
+    # The envelope and direction, set at the end of the message, for engines told them (rspamd);
+    # not part of key(): they change between the copies of one mailing, as the To header does
+    sender: str | None = None      # None: not known yet; "" the null sender
+    recipients: tuple[str, ...] = ()
+    direction: str = ""            # inbound | outbound
 
     def key(self) -> bytes:
         """What of the origin can change an engine's verdict (the queue id cannot): part of the
@@ -103,6 +145,8 @@ class ScanResult:
     score: float | None = None        # spamd: the message's score
     required: float | None = None     # spamd: its own required score
     rules: tuple[str, ...] = ()       # spamd: names of the rules that hit
+    rule_scores: tuple[float, ...] = ()   # rspamd: the score of each of `rules`
+    action: str = ""                  # rspamd: its own action, when the admin follows it (rspamd_follow_action)
 
 
 class EngineError(Exception):

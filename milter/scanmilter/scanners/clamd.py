@@ -14,7 +14,7 @@ import time
 import clamd as clamd_client
 
 from . import (CLEAN, FOUND, LIMITS, PROTOCOL, SIZE, SKIPPED, Deadline, EngineError, ScanResult, connect,
-               parse_client_socket, run, words_before_hangup)
+               members, parse_client_socket, run, words_before_hangup)
 
 CHUNK = 64 * 1024   # INSTREAM chunk; clamd accepts chunks up to its StreamMaxLength
 REPLY_LIMIT = 4096   # bytes; clamd answers with one short line, anything longer is not clamd
@@ -84,7 +84,9 @@ class _Client(clamd_client.ClamdNetworkSocket):
 
 
 def from_settings(cfg) -> ClamdScanner:
-    return ClamdScanner(parse_client_socket(cfg.clamd_socket), cfg.clamd_connect_timeout, cfg.clamd_timeout,
+    # one server: the first member of a pool (scanners.from_settings builds each member apart)
+    address = parse_client_socket(members(cfg.clamd_socket)[0])
+    return ClamdScanner(address, cfg.clamd_connect_timeout, cfg.clamd_timeout,
                         cfg.clamd_size_limit, cfg.engine_check_timeout)
 
 

@@ -13,7 +13,7 @@ import re
 import socket
 
 from . import (CLEAN, FOUND, PROTOCOL, SIZE, SKIPPED, Deadline, EngineError, Origin, ScanResult, connect,
-               parse_client_socket, run, words_before_hangup)
+               members, parse_client_socket, run, words_before_hangup)
 
 CHUNK = 64 * 1024
 REPLY_LIMIT = 256 * 1024     # bytes; a SYMBOLS reply is a line of rule names, a longer one is garbage
@@ -83,7 +83,9 @@ class _Prefixed:
 
 def from_settings(cfg) -> SpamdScanner:
     """The client for spamd_socket (whether or not spamd_enabled: quarantine learning uses it too)."""
-    return SpamdScanner(parse_client_socket(cfg.spamd_socket), cfg.spamd_connect_timeout, cfg.spamd_timeout,
+    # the first member of a pool (learning and the bench talk to one spamd)
+    address = parse_client_socket(members(cfg.spamd_socket)[0])
+    return SpamdScanner(address, cfg.spamd_connect_timeout, cfg.spamd_timeout,
                         cfg.spamd_size_limit, cfg.spamd_oversize_action, cfg.spamd_user, cfg.engine_check_timeout)
 
 
