@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import procs
 from conftest import ROOT, scratch
+from scanmilter.scanners import EngineError
 from scanmilter.scanners.spamd import GTUBE  # noqa: F401  (the tests' GTUBE is the product's)
 
 OUTSIDE = "203.0.113.7"          # XCLIENT makes the client look like this host
@@ -80,6 +82,30 @@ def not_delivered(stack, marker):
     """True when no copy of `marker` reached the sink once Postfix has nothing left to deliver."""
     stack.wait_drained()
     return not [d for d in stack.delivered() if marker.encode() in d.data]
+
+
+def parsed_or_protocol_error(parse, reply):
+    """`parse(reply)`, or None when it raised a protocol error: the only two things a parser of an
+    engine's reply may do with anything it is sent."""
+    try:
+        return parse(reply)
+    except EngineError as e:
+        assert e.kind == "protocol"
+        return None
+
+
+def tempfails_in_time(stack, send_marker, limit):
+    """While an engine is at fault: a new message sent with `send_marker(stack, marker)` is
+    tempfailed (451 4.7.1) within `limit` seconds and never delivered. Its marker, for the
+    sender's retry once the engine is back."""
+    marker = uuid.uuid4().hex
+    start = time.monotonic()
+    r = send_marker(stack, marker)
+    took = time.monotonic() - start
+    assert r["code"] == 451 and "4.7.1" in r["reply"], r
+    assert took < limit, took
+    assert not_delivered(stack, marker)
+    return marker
 
 
 def wait_for(predicate, what, timeout=30):

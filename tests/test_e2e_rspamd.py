@@ -13,7 +13,7 @@ import pytest
 
 from fakes import Server
 from support import (GTUBE, OUTSIDE, delivered_with, header_lines, make, not_delivered, scanmilter,
-                     send as send_data, wait_for)
+                     send as send_data, tempfails_in_time, wait_for)
 from scanmilter.commands.selftest import eicar
 
 pytestmark = pytest.mark.integration
@@ -101,12 +101,16 @@ def test_learning_through_the_cli_changes_rspamds_statistics(stack):
     before = learned(stack)
     r = scanmilter(stack, "quarantine", "confirm", ids["spam"], "--by", "postmaster")
     assert r.returncode == 0 and r.stdout.strip() == f"{ids['spam']}: learned as spam", (r.stdout, r.stderr)
-    again = scanmilter(stack, "quarantine", "confirm", ids["spam"])
-    assert again.returncode == 0 and "rspamd knew it already" in again.stdout, again
     r = scanmilter(stack, "quarantine", "release", ids["ham"], "--learn-ham")
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == f"{ids['ham']}: learned as ham", (r.stdout, r.stderr)
-    after = learned(stack)
-    assert after == before + 2, (before, after, stack.rspamd_stat())      # the repeat taught nothing
+    wait_for(lambda: learned(stack) == before + 2, "rspamd's statistics to count both messages")
+    # A repeat: rspamd 3.4 usually says it learned this message before, but its learn cache (in
+    # redis) does not always catch it. Either answer is reported as rspamd gave it, and the count
+    # agrees with the answer (the "knew it already" reply itself: test_rspamd.py, fake controller).
+    again = scanmilter(stack, "quarantine", "confirm", ids["spam"])
+    knew = "rspamd knew it already" in again.stdout
+    assert again.returncode == 0 and (knew or again.stdout.strip() == f"{ids['spam']}: learned as spam"), again
+    wait_for(lambda: learned(stack) == before + (2 if knew else 3), "rspamd's statistics to match its answer")
     shown = json.loads(scanmilter(stack, "quarantine", "show", ids["spam"], "--json").stdout)
     assert [x["as"] for x in shown["learned"]] == ["spam", "spam"]
 
@@ -153,13 +157,7 @@ def test_rspamd_fault_tempfails_in_time_then_recovers(stack, mode, kind):
     if not bad:
         stack.rspamd_socket.unlink(missing_ok=True)
     try:
-        marker = uuid.uuid4().hex
-        start = time.monotonic()
-        r = send(stack, marker)
-        took = time.monotonic() - start
-        assert r["code"] == 451 and "4.7.1" in r["reply"], r
-        assert took < ENGINE_TIMEOUT + 3, took
-        assert not_delivered(stack, marker)
+        marker = tempfails_in_time(stack, send, ENGINE_TIMEOUT + 3)
         wait_for(lambda: f"rspamd scan failed: {kind}" in stack.logs["scanmilter"].read_text(), "the failure logged")
     finally:
         if bad:

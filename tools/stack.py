@@ -158,7 +158,7 @@ class Stack:
                  scanmilter_settings=None, policy_text=None, spamd_children=2, clamd_settings=None,
                  milter_inet_port=None, spamd_learning=False, debian_master=False, queue_dir=None,
                  milter_socket=None, postfix_settings=None, before_start=None, quarantine=False,
-                 rspamd=False, clamd_members=1, spamd_members=1):
+                 rspamd=False, clamd_members=1, spamd_members=1, spamd_virtual_users=None):
         self.root = Path(root).resolve()
         self.smtp_port, self.with_milter, self.spamd_children = smtp_port, with_milter, spamd_children
         self.milter_cmd = milter_cmd  # list of str; "{socket}", "{config}", "{root}" are filled in
@@ -166,6 +166,10 @@ class Stack:
         self.clamd_settings = dict(clamd_settings or {})
         self.policy_text = policy_text
         self.spamd_learning = spamd_learning   # Bayes on and TELL allowed (quarantine learning tests)
+        # ---- per-user spamd: {user: user_prefs text}; spamd then reads DIR/spamd/users/USER/user_prefs
+        # for a request with "User: USER" (--virtual-config-dir: virtual users, no system accounts).
+        # None (the default): spamd as before, every user with the site configuration only.
+        self.spamd_virtual_users = dict(spamd_virtual_users or {})
         # quarantine: scanmilter keeps held mail in DIR/quarantine
         self.quarantine_dir = self.root / "quarantine" if quarantine else None
         self.sink_port, self.spamd_port, self.clamd_port = free_port(), free_port(), free_port()
@@ -326,6 +330,9 @@ class Stack:
             shutil.copy(pre, site / pre.name)
         bayes = f"use_bayes 1\nbayes_path {r}/spamd/home/bayes/bayes\n" if self.spamd_learning else "use_bayes 0\n"
         (site / "local.cf").write_text(bayes + SPAMD_LOCAL_CF)
+        for user, prefs in self.spamd_virtual_users.items():     # per-user spamd (see __init__)
+            (r / "spamd/users" / user).mkdir(parents=True, exist_ok=True)
+            (r / "spamd/users" / user / "user_prefs").write_text(prefs)
 
     def engine_settings(self) -> dict:
         """The scanmilter settings that reach this stack's clamd, spamd and release smtpd."""
@@ -395,7 +402,8 @@ class Stack:
                     "-A", "127.0.0.1", "-m", str(self.spamd_children), "-u", "debian-spamd",
                     "--nouser-config", "-H", str(r / "spamd/home"), "--siteconfigpath", str(r / "spamd/site"),
                     "-r", str(r / "spamd/spamd.pid"), "-s", str(self.logs["spamd"])] \
-                + (["--allow-tell"] if self.spamd_learning else [])
+                + (["--allow-tell"] if self.spamd_learning else []) \
+                + ([f"--virtual-config-dir={r}/spamd/users/%u"] if self.spamd_virtual_users else [])
         if name == "sink":
             return [procs.binary("smtp-sink"), "-u", "postfix", "-d", f"{self.delivered_dir}/%Y%m%d%H%M%S.",
                     f"127.0.0.1:{self.sink_port}", "256"]

@@ -25,7 +25,7 @@ from . import __version__, config, logs, nodelay, policyfile, quarantine, scanne
 from .logs import log
 from .health import Health
 from .metrics import Metrics
-from .pipeline import Pipeline, scan_pool
+from .pipeline import Pipeline, SpamdUsers, scan_pool
 from .scancache import ScanCache
 
 DRAIN_POLL = 0.1          # seconds between checks of in-flight messages while draining
@@ -48,7 +48,7 @@ def check_milter_extension() -> None:
 def build_pipeline(cfg, pool, health, metrics) -> Pipeline:
     return Pipeline(scanners.from_settings(cfg, health, metrics), pool, health, metrics,
                     ScanCache(cfg.scan_cache_seconds, cfg.scan_cache_entries, cfg.scan_cache_ignored_headers),
-                    cfg.clamd_head_start)
+                    cfg.clamd_head_start, SpamdUsers(cfg.spamd_user, cfg.spamd_user_limit, cfg.spamd_user_fallback))
 
 
 def with_socket_mode(open_socket, milter_socket: str, mode: int):

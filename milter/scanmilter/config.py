@@ -42,6 +42,27 @@ def _milter_socket(v: str) -> str | None:
     return 'expected "unix:/path" or "inet:PORT@HOST" (libmilter syntax)'
 
 
+def _spamd_user(v: str) -> str | None:
+    from .scanners.spamd import check_user_pattern
+    return check_user_pattern(v)
+
+
+def _spamd_user_name(v: str) -> str | None:
+    from .scanners.spamd import safe_user
+    return None if safe_user(v) == v else "expected letters, digits and . _ @ + - only"
+
+
+_POOL_DOC = ("{}'s address: unix:/path or inet:HOST:PORT; a list of them: a pool (each message goes to the "
+             "least busy member that answers)")
+
+
+def _engine_connection(name: str, address: str, address_doc: str, check, timeout_doc: str) -> list[Setting]:
+    """An engine's address and its two timeouts, named and documented alike for every engine."""
+    return [Setting(f"{name}_socket", address, "socket", address_doc, check=check),
+            Setting(f"{name}_connect_timeout", 2.0, "seconds", f"how long to wait for {name} to accept a connection"),
+            Setting(f"{name}_timeout", 30.0, "seconds", timeout_doc)]
+
+
 def _client_socket(v: str) -> str | None:
     try:
         parse_client_socket(v)
@@ -154,34 +175,35 @@ DAEMON_SETTINGS = [
             "spamd waits this long for clamd; mail clamd finds infected and policy refuses is never sent "
             "to spamd; 0: both at once", zero_is_off=True),
     Setting("clamd_enabled", True, "switch", "scan for viruses with clamd"),
-    Setting("clamd_socket", "unix:/run/clamav/clamd.ctl", "socket",
-            "clamd's address: unix:/path or inet:HOST:PORT; a list of them: a pool (each message goes to the "
-            "least busy member that answers)", check=_client_sockets),
-    Setting("clamd_connect_timeout", 2.0, "seconds", "how long to wait for clamd to accept a connection"),
-    Setting("clamd_timeout", 30.0, "seconds", "how long a clamd scan may take in all"),
+    *_engine_connection("clamd", "unix:/run/clamav/clamd.ctl", _POOL_DOC.format("clamd"), _client_sockets,
+                        "how long a clamd scan may take in all"),
     Setting("clamd_size_limit", 25 * MiB, "bytes",
             "messages larger than this are not sent to clamd and get oversize_action (at or below clamd's "
             "StreamMaxLength; at or above message_size_limit leaves no gap)"),
     Setting("spamd_enabled", True, "switch", "score spam with SpamAssassin's spamd"),
-    Setting("spamd_socket", "inet:127.0.0.1:783", "socket",
-            "spamd's address: unix:/path or inet:HOST:PORT; a list of them: a pool (each message goes to the "
-            "least busy member that answers)", check=_client_sockets),
-    Setting("spamd_connect_timeout", 2.0, "seconds", "how long to wait for spamd to accept a connection"),
-    Setting("spamd_timeout", 30.0, "seconds", "how long a spamd check may take in all"),
+    *_engine_connection("spamd", "inet:127.0.0.1:783", _POOL_DOC.format("spamd"), _client_sockets,
+                        "how long a spamd check may take in all"),
     Setting("spamd_size_limit", 512 * KiB, "bytes",
             "messages larger than this are skipped or truncated for spamd (spamc's default is 500 KB)"),
     Setting("spamd_oversize_action", "truncate", "choice",
             "for a message over spamd_size_limit: send spamd only its first spamd_size_limit bytes, or skip "
             "spamd (the message then gets oversize_action)", choices=("skip", "truncate")),
-    Setting("spamd_user", "", "text", "user name passed to spamd for per-user preferences; empty: none"),
+    Setting("spamd_user", "", "text",
+            "user name passed to spamd for per-user preferences; empty: none; a pattern scans once per "
+            "distinct user: %r the recipient, %d its domain, %% a percent sign", check=_spamd_user),
+    Setting("spamd_user_limit", 10, "count",
+            "most distinct spamd users scanned for one message (a spamd_user pattern); recipients beyond "
+            "share one scan as spamd_user_fallback"),
+    Setting("spamd_user_fallback", "", "text",
+            "spamd user for recipients beyond spamd_user_limit, and for learning and checks when "
+            "spamd_user is a pattern; empty: none", check=_spamd_user_name),
     Setting("spam_engine", "spamd", "choice",
             "which engine scores spam: SpamAssassin's spamd or rspamd (its normal worker over HTTP)",
             choices=("spamd", "rspamd")),
     Setting("rspamd_enabled", True, "switch", 'score spam with rspamd when spam_engine = "rspamd"'),
-    Setting("rspamd_socket", "inet:127.0.0.1:11333", "socket",
-            "rspamd's normal worker (/checkv2): unix:/path or inet:HOST:PORT", check=_client_socket),
-    Setting("rspamd_connect_timeout", 2.0, "seconds", "how long to wait for rspamd to accept a connection"),
-    Setting("rspamd_timeout", 30.0, "seconds", "how long an rspamd check (or a learning) may take in all"),
+    *_engine_connection("rspamd", "inet:127.0.0.1:11333",
+                        "rspamd's normal worker (/checkv2): unix:/path or inet:HOST:PORT", _client_socket,
+                        "how long an rspamd check (or a learning) may take in all"),
     Setting("rspamd_size_limit", 25 * MiB, "bytes",
             "messages larger than this are not sent to rspamd (they get oversize_action); keep it at most "
             "rspamd's max_message"),

@@ -204,7 +204,7 @@ class Handler(Milter.Base):
         action, reply = outcome.action, outcome.reply
         held = ""
         if outcome.quarantine:
-            held = self._hold(msg, outcome, verdict)
+            held = self._hold(msg, outcome, verdict, inspection.verdicts)
             if not held:        # the copy is not safe on disk: the sender retries, nothing is lost
                 action, reply = P.TEMPFAIL, STORE_FAILED_REPLY
             elif action == P.QUARANTINE:
@@ -241,7 +241,7 @@ class Handler(Milter.Base):
         m.message_size.observe(msg.size)
         m.decision_seconds.observe(seconds)
 
-    def _hold(self, msg: Message, outcome: P.Outcome, verdict) -> str:
+    def _hold(self, msg: Message, outcome: P.Outcome, verdict, verdicts=None) -> str:
         """Write the message to the quarantine before answering Postfix; the entry id, or ""."""
         qid = msg.queue_id or "NOQUEUE"
         store = self.rt.store
@@ -253,6 +253,7 @@ class Handler(Milter.Base):
         if self.selftest:
             return self._selftest_not_stored(qid, outcome)
         lead = next(d for d in outcome.recipients if d.recipient in outcome.quarantine)
+        verdict = (verdicts or {}).get(lead.recipient, verdict)     # per-user spamd: the held recipient's score
         subject = next((h.text() for h in msg.seen if h.name.lower() == "subject"), "")
         meta = held_meta(queue_id=msg.queue_id, sender=msg.sender, recipients=list(outcome.quarantine),
                          subject=subject, all_recipients=list(msg.recipients),

@@ -19,13 +19,15 @@ body and origin are identical (scancache.py).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import policy as P
 from .health import breaker_result
 from .scancache import ScanCache
 from .scanners import CACHED, DECIDED, ERROR, FOUND, OVERSIZE, SKIPPED, SPAM_ENGINES, TIMEOUT, ScanResult, error_kind
+from .scanners.spamd import ForUser, is_user_pattern, user_for
 from .verdict import Verdict, combine
 
 # Time the pipeline grants past an engine's own timeout before giving up on its thread
@@ -37,9 +39,38 @@ HEAD_START_ENGINE = "clamd"     # the quick engine whose verdict can make the ot
 @dataclass(frozen=True)
 class Inspection:
     results: tuple[ScanResult, ...]
-    verdict: Verdict
+    verdict: Verdict            # the verdict of the recipient whose settings shape the headers
     outcome: P.Outcome
     seconds: float
+    verdicts: dict[str, Verdict] = field(default_factory=dict)   # recipient -> its own (per-user spamd)
+
+
+@dataclass(frozen=True)
+class SpamdUsers:
+    """spamd_user as a pattern: which spamd user each recipient is scanned as. At most `limit`
+    distinct users get a scan of their own (in the order their recipients came); recipients
+    beyond share one scan as `fallback`, so one message to many recipients costs a bounded
+    number of spamd scans."""
+    pattern: str
+    limit: int = 10
+    fallback: str = ""
+
+    def assign(self, recipients) -> dict[str, str]:
+        """recipient -> spamd user; empty when spamd_user is a fixed name (one scan, as always)."""
+        if not is_user_pattern(self.pattern):
+            return {}
+        own: list[str] = []
+        users = {}
+        for recipient in recipients:
+            user = user_for(self.pattern, recipient)
+            if user not in own and len(own) < self.limit:
+                own.append(user)
+            users[recipient] = user if user in own else self.fallback
+        return users
+
+
+# One scan to run: an engine, and for spamd the per-recipient user (None: the engine's own)
+Job = tuple[object, "str | None"]
 
 
 def scan_pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -54,21 +85,27 @@ class Pipeline:
     Replaced whole on reload (the pool and health carry over); a message keeps the one it began with."""
 
     def __init__(self, engines: list, pool: concurrent.futures.ThreadPoolExecutor, health=None, metrics=None,
-                 cache: ScanCache | None = None, head_start: float = 0.0):
+                 cache: ScanCache | None = None, head_start: float = 0.0, users: SpamdUsers | None = None):
         self.engines, self.pool, self.health, self.metrics = engines, pool, health, metrics
+        self.users = users
         self.cache = cache if cache is not None else ScanCache(0, 0)
         self.head_start = head_start
         # the engine whose score is the spam score (spam_engine), "spamd" when none runs
         self.spam_engine = next((e.name for e in engines if e.name in SPAM_ENGINES), "spamd")
 
-    def _scan_one(self, engine, spool, key: bytes | None = None) -> ScanResult:
+    def _scan_one(self, job: Job, spool, key: bytes | None = None) -> ScanResult:
+        engine, user = job
+        if user is not None:
+            # a per-user score is another result: the user is part of the cache key
+            spool = ForUser(spool, user)
+            key = None if key is None else key + b"\0spamd_user=" + user.encode()
         if key is not None:
             cached = self.cache.get(engine.name, key)
             if cached is not None:
                 return cached
         if self.health is not None and self.health.is_open(engine.name):
-            return breaker_result(engine.name)       # a dead engine costs nothing while its circuit is open
-        result = engine.scan(spool)
+            return _as(breaker_result(engine.name), user)   # a dead engine costs nothing while its circuit is open
+        result = _as(engine.scan(spool), user)
         if key is not None:
             self.cache.put(engine.name, key, result)
         return result
@@ -89,42 +126,45 @@ class Pipeline:
                 m.scan_seconds.labels(result.engine).observe(result.seconds)
 
     def scan(self, spool, wanted: set[str] | None = None, key: bytes | None = None,
-             final=None) -> list[ScanResult]:
+             final=None, users: tuple[str, ...] = ()) -> list[ScanResult]:
         """Results in the order of self.engines. `key`: the message's fingerprint for the cache.
-        `final(results)`: whether the head-start engine's result alone settles the message."""
-        engines = [e for e in self.engines if wanted is None or e.name in wanted]
-        if not engines:
+        `final(results)`: whether the head-start engine's result alone settles the message.
+        `users`: spamd scans once per user given (each result carries its user), else once."""
+        jobs: list[Job] = [(e, u) for e in self.engines if wanted is None or e.name in wanted
+                           for u in (users if users and e.name == "spamd" else (None,))]
+        if not jobs:
             return []
         if spool.oversize:
             # Part of a message is not the message: an engine could call a truncated zip clean.
-            return [ScanResult(e.name, SKIPPED, OVERSIZE) for e in engines]
+            return [ScanResult(e.name, SKIPPED, OVERSIZE, user=u) for e, u in jobs]
         start = time.monotonic()
-        done: dict[str, ScanResult] = {}
-        running: list[tuple[object, concurrent.futures.Future]] = []
-        lead = next((e for e in engines if e.name == HEAD_START_ENGINE), None)
-        if lead is not None and len(engines) > 1 and final is not None and self.head_start > 0:
+        done: dict[Job, ScanResult] = {}
+        running: list[tuple[Job, concurrent.futures.Future]] = []
+        lead = next((j for j in jobs if j[0].name == HEAD_START_ENGINE), None)
+        if lead is not None and len(jobs) > 1 and final is not None and self.head_start > 0:
             future = self.pool.submit(self._scan_one, lead, spool, key)
             try:
-                done[lead.name] = future.result(timeout=self.head_start)
+                done[lead] = future.result(timeout=self.head_start)
             except concurrent.futures.TimeoutError:
                 running.append((lead, future))      # slow today: the others start now, in parallel
             else:
-                if done[lead.name].outcome == FOUND and final([done[lead.name]]):
-                    for e in engines:
-                        done.setdefault(e.name, ScanResult(e.name, SKIPPED, DECIDED))
-        todo = [e for e in engines if e.name not in done and all(e is not r for r, _ in running)]
+                if done[lead].outcome == FOUND and final([done[lead]]):
+                    for e, u in jobs:
+                        done.setdefault((e, u), ScanResult(e.name, SKIPPED, DECIDED, user=u))
+        todo = [j for j in jobs if j not in done and all(j is not r for r, _ in running)]
         if todo:
-            running += [(e, self.pool.submit(self._scan_one, e, spool, key)) for e in todo[1:]]
-            done[todo[0].name] = self._scan_one(todo[0], spool, key)
-        for engine, future in running:
+            running += [(j, self.pool.submit(self._scan_one, j, spool, key)) for j in todo[1:]]
+            done[todo[0]] = self._scan_one(todo[0], spool, key)
+        for job, future in running:
+            engine, user = job
             left = start + engine.timeout + DEADLINE_GRACE - time.monotonic()
             try:
-                done[engine.name] = future.result(timeout=max(left, 0))
+                done[job] = future.result(timeout=max(left, 0))
             except concurrent.futures.TimeoutError:
                 future.cancel()
-                done[engine.name] = ScanResult(engine.name, ERROR, f"{TIMEOUT}: no result in time",
-                                               time.monotonic() - start)
-        results = [done[e.name] for e in self.engines if e.name in done]
+                done[job] = ScanResult(engine.name, ERROR, f"{TIMEOUT}: no result in time",
+                                       time.monotonic() - start, user=user)
+        results = [done[j] for j in jobs if j in done]
         for result in results:
             self._observe(result)
         return results
@@ -140,7 +180,27 @@ class Pipeline:
             return P.refused_whatever_the_score(
                 P.decide(combine(partial + rest, oversize=spool.oversize), envelope, policy))
 
-        results = self.scan(spool, needed, key, final)
-        verdict = combine(results, oversize=spool.oversize)
-        outcome = P.decide(verdict, envelope, policy)
-        return Inspection(tuple(results), verdict, outcome, time.monotonic() - start)
+        # spamd_user as a pattern: a scan per distinct user of the recipients it scores
+        users = {}
+        if self.users is not None and self.spam_engine == "spamd" and "spamd" in needed:
+            users = self.users.assign(r for r in envelope.recipients if not P.allow_reason(envelope, r, policy))
+        distinct = tuple(dict.fromkeys(users.values()))
+        results = self.scan(spool, needed, key, final, distinct)
+        if not distinct:
+            verdict = combine(results, oversize=spool.oversize)
+            outcome = P.decide(verdict, envelope, policy)
+            return Inspection(tuple(results), verdict, outcome, time.monotonic() - start)
+        by_user = {u: combine([r for r in results if r.engine != "spamd" or r.user == u], oversize=spool.oversize)
+                   for u in distinct}
+        verdicts = {r: by_user[u] for r, u in users.items()}
+        default = by_user[distinct[0]]      # recipients not scored (allow-listed) read no score anyway
+        outcome = P.decide(default, envelope, policy, verdicts)
+        lead = outcome.headers_from or next((d for d in outcome.recipients if d.recipient in outcome.quarantine),
+                                            None) or next(d for d in outcome.recipients if d.action == outcome.action)
+        return Inspection(tuple(results), verdicts.get(lead.recipient, default), outcome,
+                          time.monotonic() - start, verdicts)
+
+
+def _as(result: ScanResult, user: str | None) -> ScanResult:
+    """`result` marked as spamd's scan for `user` (None: the engine's own user, unmarked)."""
+    return result if user is None else dataclasses.replace(result, user=user)

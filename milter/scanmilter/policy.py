@@ -395,8 +395,11 @@ def combine_recipients(decisions: list[RecipientDecision], direction: str, polic
     return outcome(DISCARD, first(DISCARD))
 
 
-def decide(verdict: Verdict, env: Envelope, policy: Policy) -> Outcome:
+def decide(verdict: Verdict, env: Envelope, policy: Policy, verdicts: dict[str, Verdict] | None = None) -> Outcome:
+    """`verdicts`: a recipient's own verdict where it has one (per-user spamd: its user's score),
+    else `verdict`."""
     direction, _ = direction_of(env, policy)
     recipients = env.recipients or ("",)
-    return combine_recipients([decide_recipient(verdict, env, direction, r, policy) for r in recipients], direction,
-                              policy)
+    verdicts = verdicts or {}
+    return combine_recipients([decide_recipient(verdicts.get(r, verdict), env, direction, r, policy)
+                               for r in recipients], direction, policy)

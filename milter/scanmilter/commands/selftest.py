@@ -171,13 +171,15 @@ def check_members(engines, out=print) -> int:
         for member in members:
             start = time.monotonic()
             problem = member.scanner.ping()
-            ms = (time.monotonic() - start) * 1000
-            if problem:
-                failures += 1
-                out(f"FAIL {engine.name} member {member.name}: {problem} ({ms:.0f} ms)")
-            else:
-                out(f"PASS {engine.name} member {member.name}: answers ({ms:.0f} ms)")
+            failures += _report(out, f"{engine.name} member {member.name}", problem, "answers", start)
     return failures
+
+
+def _report(out, what: str, problem: str, passed: str, start: float) -> int:
+    """One PASS or FAIL line for a check begun at `start`; 1 when it failed."""
+    ms = (time.monotonic() - start) * 1000
+    out(f"FAIL {what}: {problem} ({ms:.0f} ms)" if problem else f"PASS {what}: {passed} ({ms:.0f} ms)")
+    return int(bool(problem))
 
 
 def run(address: str, timeout: float = 60.0, out=print, engines=()) -> int:
@@ -201,11 +203,6 @@ def run(address: str, timeout: float = 60.0, out=print, engines=()) -> int:
             problem, shown = judge(case, answer)
         except (MilterError, OSError) as e:
             problem, shown = str(e), ""
-        ms = (time.monotonic() - start) * 1000
-        if problem:
-            failures += 1
-            out(f"FAIL {case.name}: {problem} ({ms:.0f} ms)")
-        else:
-            out(f"PASS {case.name}: {shown} ({ms:.0f} ms)")
+        failures += _report(out, case.name, problem, shown, start)
     failures += check_members(engines, out)
     return 1 if failures else 0

@@ -147,6 +147,7 @@ class ScanResult:
     rules: tuple[str, ...] = ()       # spamd: names of the rules that hit
     rule_scores: tuple[float, ...] = ()   # rspamd: the score of each of `rules`
     action: str = ""                  # rspamd: its own action, when the admin follows it (rspamd_follow_action)
+    user: str | None = None           # spamd: the per-recipient user it scanned as (spamd_user pattern)
 
 
 class EngineError(Exception):

@@ -81,12 +81,62 @@ class _Prefixed:
         self.rest.close()
 
 
+# spamd_user: a fixed name, or a pattern expanded per recipient (as spamass-milter's -u):
+# %r the recipient's address, %d its domain, %% a percent sign
+_PATTERN = re.compile(r"%(.)", re.S)
+_USER_UNSAFE = re.compile(r"[^A-Za-z0-9._@+-]")
+USER_LENGTH = 128      # characters of a user name sent to spamd
+
+
+def check_user_pattern(pattern: str) -> str | None:
+    bad = sorted({m.group(1) for m in _PATTERN.finditer(pattern) if m.group(1) not in "rd%"})
+    if bad or pattern.endswith("%") and not pattern.endswith("%%"):
+        return 'expected a name, or a pattern with %r (the recipient), %d (its domain), %% (a percent sign)'
+    return None
+
+
+def is_user_pattern(pattern: str) -> bool:
+    """True when the user depends on the recipient (%r or %d), False for a fixed name."""
+    return any(m.group(1) in "rd" for m in _PATTERN.finditer(pattern))
+
+
+def safe_user(name: str) -> str:
+    """A user name for spamd's User header: the recipient's text comes from the sender, so it is
+    reduced to a safe alphabet (no line break can add a SPAMC header, no / or .. can reach a
+    per-user directory outside spamd's)."""
+    name = _USER_UNSAFE.sub("_", name)[:USER_LENGTH]
+    return "_" + name[1:] if name.startswith(".") else name
+
+
+def user_for(pattern: str, recipient: str) -> str:
+    """spamd_user expanded for one recipient, then made safe."""
+    address = recipient.strip().strip("<>").lower()
+    expand = {"r": address, "d": address.rpartition("@")[2], "%": "%"}
+    return safe_user(_PATTERN.sub(lambda m: expand.get(m.group(1), ""), pattern))
+
+
+def fixed_user(cfg) -> str:
+    """The user for a scan or a learning that is not for one recipient: spamd_user itself when it
+    is a plain name, else spamd_user_fallback."""
+    return cfg.spamd_user_fallback if is_user_pattern(cfg.spamd_user) else cfg.spamd_user.replace("%%", "%")
+
+
+class ForUser:
+    """A spool to be scanned by spamd as `user` (a per-recipient spamd_user): reads like the spool."""
+
+    def __init__(self, spool, user: str):
+        self.spool, self.spamd_user = spool, user
+
+    def __getattr__(self, name):
+        return getattr(self.spool, name)
+
+
 def from_settings(cfg) -> SpamdScanner:
     """The client for spamd_socket (whether or not spamd_enabled: quarantine learning uses it too)."""
     # the first member of a pool (learning and the bench talk to one spamd)
     address = parse_client_socket(members(cfg.spamd_socket)[0])
     return SpamdScanner(address, cfg.spamd_connect_timeout, cfg.spamd_timeout,
-                        cfg.spamd_size_limit, cfg.spamd_oversize_action, cfg.spamd_user, cfg.engine_check_timeout)
+                        cfg.spamd_size_limit, cfg.spamd_oversize_action, fixed_user(cfg), cfg.engine_check_timeout)
 
 
 class SpamdScanner:
@@ -110,8 +160,10 @@ class SpamdScanner:
             size = self.size_limit
         origin = getattr(spool, "origin", None)
         trace = received_line(origin) if origin is not None else b""
-        return parse_reply(self._exchange("SYMBOLS", {}, len(trace) + size,
-                                          lambda: _Prefixed(trace, spool.reader(size))))
+        user = getattr(spool, "spamd_user", None)
+        result = parse_reply(self._exchange("SYMBOLS", {}, len(trace) + size,
+                                            lambda: _Prefixed(trace, spool.reader(size)), user))
+        return result if user is None else ScanResult(**{**result.__dict__, "user": user})
 
     def tell(self, data: bytes, message_class: str) -> bool:
         """Teach spamd's Bayes filter that `data` is "ham" or "spam" (SPAMC TELL; spamd needs
@@ -126,14 +178,17 @@ class SpamdScanner:
         check_status(reply)
         return bool(re.search(rb"(?im)^DidSet: *local", reply))
 
-    def _exchange(self, command: str, headers: dict[str, str], size: int, open_body) -> bytes:
+    def _exchange(self, command: str, headers: dict[str, str], size: int, open_body,
+                  user: str | None = None) -> bytes:
         """One SPAMC request: `command`, `headers`, then `size` bytes read from `open_body()`;
-        returns spamd's whole reply, within one deadline of spamd_timeout."""
+        returns spamd's whole reply, within one deadline of spamd_timeout. `user`: this request's
+        user instead of the scanner's own (None)."""
+        user = self.user if user is None else safe_user(user)
         deadline = Deadline(self.timeout)
         sock = connect(self.address, self.connect_timeout, deadline)
         try:
             head = f"{command} SPAMC/1.5\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            head += f"Content-length: {size}\r\n" + (f"User: {self.user}\r\n" if self.user else "")
+            head += f"Content-length: {size}\r\n" + (f"User: {user}\r\n" if user else "")
             try:
                 sock.settimeout(deadline.left())
                 sock.sendall(head.encode("ascii") + b"\r\n")
