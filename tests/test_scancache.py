@@ -60,6 +60,20 @@ def test_anything_an_engine_reads_changes_the_fingerprint():
     assert fingerprint(headers=[("X-A", b" 1X-B: 2")]) != fingerprint(headers=[("X-A", b" 1"), ("X-B", b" 2")])
 
 
+def test_a_message_keys_its_header_names_as_sent():
+    """clamd tells mail from other files by the first header's exact name: a copy that differs
+    only in the case of a name is another message to it."""
+    from scanmilter.message import Message
+
+    def digest(name):
+        msg = Message("a@outside.test", Spool(1000, 1000), fingerprint=ScanCache(60, 10).fingerprint(b"origin"))
+        msg.add_header(name, b" news@shop.test", lambda key: False)
+        msg.end_headers()
+        msg.add_body(b"body\r\n")
+        return msg.fingerprint.digest()
+    assert digest("From") != digest("FROM") and digest("From") == digest("From")
+
+
 def test_ignored_headers_are_a_setting():
     from scanmilter import config
     cfg = config.load(None)

@@ -697,15 +697,15 @@ class Stack:
         return [parse_dump(p) for p in paths]
 
     def wait_delivered(self, count, timeout=30):
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.delivered()
-            if len(got) >= count:
-                return got
-            if time.monotonic() > deadline:
-                raise StackError(f"{len(got)} of {count} messages delivered after {timeout}s; "
-                                 f"postfix log:\n{procs.tail(self.logs['postfix'])}")
-            time.sleep(0.1)
+        got = []
+
+        def enough():
+            got[:] = self.delivered()
+            return len(got) >= count
+        if not procs.wait_until(enough, timeout, interval=0.1):
+            raise StackError(f"{len(got)} of {count} messages delivered after {timeout}s; "
+                             f"postfix log:\n{procs.tail(self.logs['postfix'])}")
+        return got
 
     def postfix_log(self):
         return self.logs["postfix"].read_text(errors="replace")
@@ -726,15 +726,15 @@ class Stack:
 
     def wait_logged(self, text, count=1, service="scanmilter", timeout=30):
         """Wait until `service`'s log has at least `count` lines containing `text`; return them."""
-        deadline = time.monotonic() + timeout
-        while True:
-            lines = [ln for ln in self.logs[service].read_text(errors="replace").splitlines() if text in ln]
-            if len(lines) >= count:
-                return lines
-            if time.monotonic() > deadline:
-                raise StackError(f"{len(lines)} of {count} lines with {text!r} in the {service} log after "
-                                 f"{timeout}s;{self._tails(service)}")
-            time.sleep(0.05)
+        lines = []
+
+        def enough():
+            lines[:] = [ln for ln in self.logs[service].read_text(errors="replace").splitlines() if text in ln]
+            return len(lines) >= count
+        if not procs.wait_until(enough, timeout):
+            raise StackError(f"{len(lines)} of {count} lines with {text!r} in the {service} log after "
+                             f"{timeout}s;{self._tails(service)}")
+        return lines
 
     def wait_drained(self, timeout=60, logged=None):
         """Wait until Postfix is done with everything sent so far (delivered, bounced or dropped:

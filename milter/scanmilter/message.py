@@ -188,7 +188,7 @@ class Message:
         if keep(key):
             self.seen.append(Seen(name, index, value))
         if self.fingerprint is not None:
-            self.fingerprint.header(key, value)
+            self.fingerprint.header(name, value)      # as sent: clamd types mail by the names' exact bytes
 
     def end_headers(self) -> None:
         self.spool.write(b"\r\n")
