@@ -53,3 +53,24 @@ def stack_with(request):
     yield start
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL (tools/pg.py) for the whole session: a unix socket in its directory,
+    and 127.0.0.1 on a free port where a password is required. A test that stops or restarts
+    the server starts one of its own instead."""
+    import pg
+    server = pg.PgServer(Path(scratch("scanmilter-pg-")) / "pg", tcp=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+_DATABASES = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def database(postgres):
+    """The DSN of a new, empty database on the session's PostgreSQL (superuser, unix socket)."""
+    return postgres.create_database(f"t{next(_DATABASES)}")

@@ -34,6 +34,7 @@ class Setting:
     choices: tuple = ()
     check: Callable[[Any], str | None] | None = None   # returns an error text or None
     zero_is_off: bool = False    # seconds: 0 turns the feature off instead of being refused
+    secret: bool = False         # a connection string: printed with its password as ****
 
 
 def _milter_socket(v: str) -> str | None:
@@ -153,6 +154,15 @@ DAEMON_SETTINGS = [
     Setting("quarantine_release_timeout", 60.0, "seconds", "how long a release may take over SMTP"),
     Setting("quarantine_max_age", 30 * 86400, "seconds",
             "`quarantine purge` without --older-than deletes entries older than this"),
+    Setting("database_dsn", "", "text",
+            "PostgreSQL connection string (libpq: \"host=db.example dbname=scanmilter user=scanmilter\"); "
+            "prefer database_dsn_file when it holds a password", secret=True),
+    Setting("database_dsn_file", "", "path",
+            "file whose first line is the connection string (not readable by others); wins over database_dsn"),
+    Setting("database_pool_size", 4, "count", "most connections one process keeps open to PostgreSQL"),
+    Setting("database_connect_timeout", 5.0, "seconds",
+            "how long to wait for a connection to PostgreSQL (from the pool or a new one)"),
+    Setting("database_statement_timeout", 10.0, "seconds", "the longest one SQL statement may run"),
     Setting("metrics_address", "127.0.0.1:9925", "address",
             "HOST:PORT of the Prometheus /metrics endpoint; empty: no endpoint"),
     Setting("engine_check_interval", 15.0, "seconds",
@@ -489,6 +499,9 @@ def render(values: Values, only_changed: bool = False, defaults: bool = False) -
         if only_changed and s.name not in values.changed:
             continue
         v = s.default if defaults else getattr(values, s.name)
+        if s.secret and v:
+            from .db import redact_dsn
+            v = redact_dsn(v)
         note = f"# {s.unit}: {s.doc}"
         if not defaults and s.name in values.changed:
             note = f"# changed, default {toml_value(s.default)}"
