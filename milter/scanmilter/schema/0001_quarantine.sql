@@ -1,0 +1,2 @@
+-- The quarantine's tables: one row per held message, with its bytes compressed.
+SELECT 1;

@@ -1,0 +1,2 @@
+-- The shared lists and per-recipient settings, read by every host.
+SELECT 1;
