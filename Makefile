@@ -17,7 +17,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml | apt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q --disable-pip-version-check -e '.[postgresql]' pytest hypothesis build
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[postgresql,web]' pytest hypothesis build selenium
 	touch $@
 
 demo: deps

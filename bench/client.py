@@ -1,5 +1,6 @@
-"""The benchmark's load generator: SMTP sessions timed per message, the two scanners driven directly
-(variant 5, through scanmilter's own engine clients), and a thread pool that runs either over a corpus.
+"""The benchmark's load generator: SMTP sessions timed per message, the scanners driven directly
+(variants 5 and 11, through scanmilter's own engine clients), and a thread pool that runs either
+over a corpus.
 
 Needs tools/ and milter/ on sys.path (bench/run.py puts them there).
 """
@@ -12,13 +13,15 @@ import time
 
 from scanmilter import config
 from scanmilter.message import Spool
-from scanmilter.scanners import ERROR, FOUND, clamd, spamd
+from scanmilter.scanners import ERROR, FOUND, Origin, Submission, clamd, rspamd, spamd
 
 OUTSIDE_ADDR = "203.0.113.25"       # XCLIENT: every message is inbound from an outside host
 SENDER, RECIPIENT = "alice@outside.test", "bob@example.com"
 REJECT_LEVEL = 15.0                 # scanmilter's default reject_level, spamass-milter -r 15
 SPAMD_SIZE_LIMIT = 512 * 1024       # scanmilter's spamd_size_limit (spamc skips over 500 KB too)
 CLAMD_SIZE_LIMIT = 25 * 1024 * 1024
+RSPAMD_SIZE_LIMIT = 25 * 1024 * 1024   # scanmilter's rspamd_size_limit
+CLIENT_NAME, HELO, OUR_HOSTNAME = "mail.outside.test", "client.bench.test", "scanmilter.test"
 SOCKET_TIMEOUT = 120.0              # per socket operation of the client
 
 
@@ -69,11 +72,11 @@ def smtp_open(port: int, timeout: float = SOCKET_TIMEOUT, client_addr: str = OUT
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         f = s.makefile("rb")
         _expect(f, 220, "greeting")
-        s.sendall(b"EHLO client.bench.test\r\n")
+        s.sendall(f"EHLO {HELO}\r\n".encode())
         _expect(f, 250, "ehlo")
-        s.sendall(f"XCLIENT ADDR={client_addr} NAME=mail.outside.test\r\n".encode())
+        s.sendall(f"XCLIENT ADDR={client_addr} NAME={CLIENT_NAME}\r\n".encode())
         _expect(f, 220, "xclient")
-        s.sendall(b"EHLO client.bench.test\r\n")
+        s.sendall(f"EHLO {HELO}\r\n".encode())
         _expect(f, 250, "ehlo")
         s.sendall(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode())  # PIPELINING
         replies = [_reply(f) for _ in range(3)]
@@ -111,38 +114,50 @@ def smtp_send(port: int, payload: bytes, sender: str = SENDER) -> dict:
     return {"code": code, "reply": text[:200], "latency": t2 - t0, "data_latency": t2 - t1}
 
 
-# ---------------------------------------------------------------- clamd + spamd directly
+# ---------------------------------------------------------------- clamd + spamd (or rspamd) directly
 def received_header() -> bytes:
-    """A Received line like the one Postfix writes for this hop, so that variant 5 scans about
-    the bytes the milters' engines see."""
-    return (f"Received: from mail.outside.test (mail.outside.test [{OUTSIDE_ADDR}])\r\n"
-            f"\tby scanmilter.test (Postfix) with ESMTP id 4ABCDEF0123\r\n"
+    """A Received line like the one Postfix writes for this hop, so that variants 5 and 11 scan
+    about the bytes the milters' engines see."""
+    return (f"Received: from {CLIENT_NAME} ({CLIENT_NAME} [{OUTSIDE_ADDR}])\r\n"
+            f"\tby {OUR_HOSTNAME} (Postfix) with ESMTP id 4ABCDEF0123\r\n"
             f"\tfor <{RECIPIENT}>; {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n").encode()
 
 
 class DirectScan:
-    """Both engines in parallel for one message, as scanmilter does, through scanmilter's own clamd
-    and spamd clients (spamd skips what is over its size limit, as spamc does); 550 when either
-    would reject."""
+    """clamd and the spam engine (spamd, or rspamd's normal worker) in parallel for one message, as
+    scanmilter does, through scanmilter's own engine clients (spamd skips what is over its size
+    limit, as spamc does); 550 when either would reject. rspamd is told the client, HELO and
+    envelope as scanmilter tells it (with Settings-ID: inbound)."""
 
-    def __init__(self, stack):
-        cfg = config.parse(config.DAEMON_SETTINGS, {
+    def __init__(self, stack, spam_engine: str = "spamd"):
+        settings = {
             "clamd_socket": f"unix:{stack.clamd_socket}", "spamd_socket": f"inet:127.0.0.1:{stack.spamd_port}",
             "clamd_connect_timeout": SOCKET_TIMEOUT, "clamd_timeout": SOCKET_TIMEOUT,
             "spamd_connect_timeout": SOCKET_TIMEOUT, "spamd_timeout": SOCKET_TIMEOUT,
             "clamd_size_limit": CLAMD_SIZE_LIMIT, "spamd_size_limit": SPAMD_SIZE_LIMIT,
-            "spamd_oversize_action": "skip"}, "bench")
-        self.clamd, self.spamd = clamd.from_settings(cfg), spamd.from_settings(cfg)
+            "spamd_oversize_action": "skip"}
+        if spam_engine == "rspamd":
+            settings.update({"rspamd_socket": f"unix:{stack.rspamd_socket}", "rspamd_connect_timeout": SOCKET_TIMEOUT,
+                             "rspamd_timeout": SOCKET_TIMEOUT, "rspamd_size_limit": RSPAMD_SIZE_LIMIT})
+        cfg = config.parse(config.DAEMON_SETTINGS, settings, "bench")
+        self.clamd = clamd.from_settings(cfg)
+        self.spam = rspamd.from_settings(cfg) if spam_engine == "rspamd" else spamd.from_settings(cfg)
+        self.told = spam_engine == "rspamd"
 
-    def __call__(self, data: bytes) -> dict:
+    def __call__(self, data: bytes, sender: str = SENDER) -> dict:
         data = received_header() + data
         spool = Spool(memory_limit=len(data), size_limit=len(data))
         spool.write(data)
+        scanned = spool
+        if self.told:
+            scanned = Submission(spool, Origin(client_address=OUTSIDE_ADDR, client_name=CLIENT_NAME, helo=HELO,
+                                               hostname=OUR_HOSTNAME, sender=sender, recipients=(RECIPIENT,),
+                                               direction="inbound"))
         t0 = time.perf_counter()
         virus = {}
         t = threading.Thread(target=lambda: virus.update(result=self.clamd.scan(spool)), daemon=True)
         t.start()
-        spam = self.spamd.scan(spool)
+        spam = self.spam.scan(scanned)
         t.join(SOCKET_TIMEOUT)
         lat = time.perf_counter() - t0
         if "result" not in virus:
@@ -150,7 +165,7 @@ class DirectScan:
         for result in (virus["result"], spam):
             if result.outcome == ERROR:
                 raise ConnectionError(f"{result.engine}: {result.detail}")
-        found = virus["result"].outcome == FOUND
+        found = virus["result"].outcome == FOUND or bool(spam.viruses)
         score = spam.score or 0.0          # None: skipped for its size
         code = 550 if found or score >= REJECT_LEVEL else 250
         reply = f"clamd {virus['result'].outcome} {','.join(virus['result'].viruses)}; score {score}"

@@ -3,7 +3,9 @@
     ham    ~87%  real-looking business mail, 2-50 KB (log-uniform): plain text, some
                  multipart/alternative with an HTML part, some with a small binary attachment,
                  some replies quoting earlier text; 1-3 Received headers from outside relays
-    spam    5%   the same kind of text with the GTUBE string in the body (SpamAssassin scores 1000)
+    spam    5%   the same kind of text, at most SPAM_TEXT_LIMIT characters, with the GTUBE string in
+                 the body (SpamAssassin scores 1000; rspamd looks for GTUBE only in text parts of up
+                 to 8 KiB, hence the limit)
     bulk    5%   newsletters: mailings of 10 copies each, one transaction per recipient (same
                  From, Subject and body; own To, Date, Message-ID and Received), shuffled into
                  the rest like any other mail
@@ -76,6 +78,7 @@ SUBJECTS = ["Re: invoice for the March order", "Meeting with the supplier on Tue
             "Status report week {n}", "Office closed on the public holiday", "Re: Re: contract samples",
             "Question about the delivery date", "Minutes of the project meeting", "Travel budget {n}",
             "Heating in the archive room", "Kickoff call on Monday", "Re: figures for last month"]
+SPAM_TEXT_LIMIT = 6000     # characters of a spam's text: rspamd 3.4 skips GTUBE in text parts over 8 KiB
 NAMES = ["Anna Berg", "Peter Novak", "Maria Lopez", "John Carter", "Li Wei", "Sophie Martin", "Jan de Vries",
          "Olga Ivanova", "Tom Becker", "Fatima Khan", "Lukas Meyer", "Emma Wilson"]
 DOMAINS = ["outside.test", "supplier.example.net", "customer.example.org", "mail.partner.test"]
@@ -203,6 +206,7 @@ def _make(rnd: random.Random, text: _Text, i: int, kind: str, now: int) -> Messa
         plain = plain[:len(plain) // 2] + f"\n\nOn {date}, {rnd.choice(NAMES)} wrote:\n{quoted}\n"
     plain += f"\n\nBest regards,\n{sender}\n"
     if kind == "spam":
+        plain = plain[:SPAM_TEXT_LIMIT]   # cut after the draws: every other message stays as it was
         plain = plain[:len(plain) // 3] + f"\n\n{GTUBE}\n\n" + plain[len(plain) // 3:]
     roll = rnd.random()
     if roll < 0.25:     # text + HTML: the text is about half of the target then

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""scanmilter benchmark: one Postfix, one clamd, one spamd, eight ways of putting mail through them.
+"""scanmilter benchmark: one Postfix, clamd, spamd and rspamd, thirteen ways of putting mail through them.
 
     1 bare      Postfix without a milter: the ceiling
     2 noeng     scanmilter with clamd_enabled = spamd_enabled = false: the cost of scanmilter itself
@@ -9,11 +9,17 @@
     6 trivial   a pymilter milter that accepts everything and adds one header: the Python floor
     7 noeng-tcp variant 2 on a TCP milter socket
     8 trivial-tcp variant 6 on a TCP milter socket: the ~90 ms per message TCP stall of plain libmilter
+    9 rspamd-milter  rspamd's own milter (proxy worker, self-scan, its antivirus module on the same clamd)
+   10 scan-rspamd    scanmilter with clamd and rspamd (spam_engine = "rspamd")
+   11 direct-rspamd  clamd INSTREAM + rspamd /checkv2 in parallel per message, no MTA: their own limit
+   12 pool      variant 3 with a pool of two spamd that share variant 3's children (2 + 2 against 4)
+   13 failover  variant 12 with one spamd of the pool killed (SIGKILL) when half the replies are in
 
 Every variant uses the same private stack (tools/stack.py: Postfix -> smtp-sink, clamd, spamd with
-4 children); only Postfix's smtpd_milters changes (postconf + postfix reload). Milters listen on
+4 children, two more spamd with 2 children each for 12 and 13, rspamd in a network namespace of its
+own for 9-11); only Postfix's smtpd_milters changes (postconf + postfix reload). Milters listen on
 unix sockets, except in variants 7 and 8 (TCP on 127.0.0.1). Runs are interleaved (round r runs
-every variant once) so drift hits all variants alike.
+every variant once; 13 only in the first --failover-runs rounds) so drift hits all variants alike.
 The client is a thread pool of --sessions SMTP sessions, one message per session (connect, EHLO,
 XCLIENT from an outside address, EHLO, MAIL, RCPT, DATA, QUIT), timing every message.
 A memory run follows: one 50 MB message, then 100 concurrent sessions held in DATA, each against a
@@ -58,23 +64,30 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--quick", action="store_true", help="smoke run: 100 messages, 1 run each (a few minutes)")
-    ap.add_argument("--messages", type=int, help="messages per run of the spamd-bound variants 3, 4, 5 "
+    ap.add_argument("--messages", type=int, help="messages per run of the spamd-bound variants 3, 4, 5, 12, 13 "
                     "(default 600; --quick 100)")
     ap.add_argument("--fast-repeat", type=int, default=6,
-                    help="variants 1, 2, 6, 7, 8 send the corpus this many times per run (default 6)")
+                    help="variants 1, 2, 6-11 send a corpus this many times as large per run, every message "
+                    "distinct (default 6)")
     ap.add_argument("--sessions", type=int, default=8, help="concurrent SMTP sessions / scans (default 8)")
     ap.add_argument("--runs", type=int, help="runs per variant; the median is reported (default 3; --quick 1)")
-    ap.add_argument("--only", default="".join(VARIANTS), help="variants to run, e.g. 1,3,4 (default all)")
+    ap.add_argument("--only", default=",".join(VARIANTS),
+                    help="variants to run, in this order: numbers and ranges, e.g. 1,3,4 or 9-13 (default all)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory run")
     ap.add_argument("--serial-messages", type=int, default=200,
                     help="ham messages sent one at a time per variant for the idle latency, a fifth of "
-                    "that for variants 3, 4, 5 (default 200; 0: none)")
+                    "that for variants 3, 4, 5, 12; none for 13 (default 200; 0: none)")
     ap.add_argument("--big-bytes", type=int, default=50_000_000, help="size of the memory run's big message")
     ap.add_argument("--scanned-bytes", type=int, default=20_000_000,
                     help="size of a second big message, under clamd_size_limit (0: none)")
     ap.add_argument("--idle-sessions", type=int, default=100, help="concurrent sessions in the memory run")
     ap.add_argument("--hold-seconds", type=float, default=5.0, help="how long they are held in DATA")
-    ap.add_argument("--spamd-children", type=int, default=4)
+    ap.add_argument("--spamd-children", type=int, default=4,
+                    help="spamd's -m (default 4); the two spamd of variants 12 and 13 get half of it each")
+    ap.add_argument("--rspamd-workers", type=int, default=2,
+                    help="processes of rspamd's normal worker (variants 10, 11) and of its milter (9) (default 2)")
+    ap.add_argument("--failover-runs", type=int, default=1,
+                    help="variant 13 runs in this many of the rounds, the first ones (default 1)")
     ap.add_argument("--disturbed-share", type=float, default=0.10,
                     help="a run during which other processes used more than this share of the CPU is "
                     "disturbed (default 0.10)")
@@ -87,10 +100,29 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     args.messages = args.messages or (100 if args.quick else 600)
     args.runs = args.runs or (1 if args.quick else 3)
-    args.only = "".join(dict.fromkeys(c for c in args.only if c in VARIANTS))
-    if not args.only:
-        ap.error(f"--only: no known variant ({min(VARIANTS)}-{max(VARIANTS)})")
+    try:
+        args.only = variant_list(args.only)
+    except ValueError as e:
+        ap.error(f"--only: {e}")
     return args
+
+
+def variant_list(text: str) -> list[str]:
+    """"1,3,9-11" -> ["1", "3", "9", "10", "11"]: known variants, each once, in the order given."""
+    out = []
+    for item in text.replace(" ", ",").split(","):
+        if not item:
+            continue
+        first, dash, last = item.partition("-")
+        if not (first.isdigit() and (not dash or last.isdigit())):
+            raise ValueError(f"{item!r} is not a variant number or range")
+        for n in range(int(first), int(last if dash else first) + 1):
+            if str(n) not in VARIANTS:
+                raise ValueError(f"no variant {n} (known: {', '.join(VARIANTS)})")
+            out.append(str(n))
+    if not out:
+        raise ValueError("no variant given")
+    return list(dict.fromkeys(out))
 
 
 
@@ -115,11 +147,15 @@ def time_budget(minutes: float) -> None:
 
 
 # ---------------------------------------------------------------- the measurements
-def rounds(bench, args, msgs, payloads, raw, discarded) -> None:
-    """--runs rounds, each running every variant once (a disturbed run is repeated --retries times)."""
-    fast_msgs, fast_payloads = msgs * args.fast_repeat, payloads * args.fast_repeat
+def rounds(bench, args, corpora, raw, discarded) -> None:
+    """--runs rounds, each running every variant once (a disturbed run is repeated --retries times).
+    corpora: {"spamd_bound": (messages, payloads), "fast": (messages, payloads)}."""
+    msgs, payloads = corpora["spamd_bound"]
+    fast_msgs, fast_payloads = corpora["fast"]
     for rnd in range(args.runs):
         for v in args.only:
+            if v == "13" and rnd >= args.failover_runs:
+                continue
             m, p = (msgs, payloads) if v in SPAMD_BOUND else (fast_msgs, fast_payloads)
             for attempt in range(args.retries + 1):
                 r = bench.one_run(v, m, p)
@@ -127,7 +163,8 @@ def rounds(bench, args, msgs, payloads, raw, discarded) -> None:
                     f"{r['seconds']:.1f}s = {r['msgs_per_s']:.1f}/s; codes {r['codes']}; other processes "
                     f"{100 * r['other_cpu_share']:.1f}% of the CPU"
                     + (f"; {r['unexpected']} UNEXPECTED e.g. {r['unexpected_examples'][:2]}"
-                       if r["unexpected"] else ""))
+                       if r["unexpected"] else "")
+                    + (f"; {fmt_failover(r['failover'])}" if "failover" in r else ""))
                 if not r["disturbed"] or attempt == args.retries:
                     break
                 log(f"  disturbed (other processes over {100 * args.disturbed_share:.0f}% of the CPU): repeating")
@@ -136,10 +173,15 @@ def rounds(bench, args, msgs, payloads, raw, discarded) -> None:
             raw[v].append(r)
 
 
+def fmt_failover(f) -> str:
+    return (f"{f['killed']} killed after {f['after_replies']} replies: {report.fmt(f['before_msgs_per_s'])} msgs/s "
+            f"before, {report.fmt(f['after_msgs_per_s'])} after; {f['failovers']:.0f} scans moved to the other spamd")
+
+
 def one_session(bench, args, msgs, serial) -> None:
     """One session, ham only: the latency of a message on an idle system, where a transport stall
-    is not hidden behind queueing."""
-    for v in args.only if args.serial_messages else ():
+    is not hidden behind queueing. Not for 13: until its kill it is variant 12."""
+    for v in [v for v in args.only if v != "13"] if args.serial_messages else ():
         n = args.serial_messages // (5 if v in SPAMD_BOUND else 1)
         m = [x for x in msgs if x.kind == "ham"][:n]
         r = bench.one_run(v, m, [smtp_payload(x.data) for x in m], sessions=1)
@@ -149,7 +191,21 @@ def one_session(bench, args, msgs, serial) -> None:
             f"{report.fmt(serial[v]['p50'])} ms, p99 {report.fmt(serial[v]['p99'])} ms")
 
 
-def measure(args, msgs) -> dict:
+def make_corpora(args) -> dict:
+    """The spamd-bound variants' corpus (--messages) and the fast variants' (--fast-repeat times as
+    many messages, made the same way, all distinct: no scan cache can answer a repeat)."""
+    out = {}
+    for name, n in (("spamd_bound", args.messages), ("fast", args.messages * args.fast_repeat)):
+        if name == "fast" and all(v in SPAMD_BOUND for v in args.only):
+            out[name] = []
+            continue
+        log(f"generating the corpus: {n} messages ({name.replace('_', '-')} variants)")
+        out[name] = corpuslib.generate(n)
+        log(f"corpus: {json.dumps(corpuslib.describe(out[name]))}")
+    return out
+
+
+def measure(args, corpora) -> dict:
     """Set up, run every measurement, tear down; what was measured, even when a step failed."""
     bench = Bench(args)
     figures = {"raw": {v: [] for v in args.only}, "serial": {}, "memory": {}, "discarded": {}, "failed": None,
@@ -158,8 +214,11 @@ def measure(args, msgs) -> dict:
         bench.setup(args.only)
         log(f"stack up: {json.dumps(bench.stack.describe()['smtp'])}; milters: "
             + ", ".join(f"{n} pid {bench.processes.pid(n)}" for n in bench.processes.procs))
+        msgs = corpora["spamd_bound"]
         payloads = [smtp_payload(m.data) for m in msgs]
-        rounds(bench, args, msgs, payloads, figures["raw"], figures["discarded"])
+        rounds(bench, args, {"spamd_bound": (msgs, payloads),
+                             "fast": (corpora["fast"], [smtp_payload(m.data) for m in corpora["fast"]])},
+               figures["raw"], figures["discarded"])
         one_session(bench, args, msgs, figures["serial"])
         if not args.no_memory:
             figures["memory"] = bench.memory_run(msgs, payloads)
@@ -185,12 +244,10 @@ def main(argv=None):
     command = command_line(argv)
     time_budget(args.max_minutes)
     t_start, started = time.monotonic(), datetime.datetime.now(datetime.timezone.utc)
-    log(f"generating the corpus: {args.messages} messages")
-    msgs = corpuslib.generate(args.messages)
-    log(f"corpus: {json.dumps(corpuslib.describe(msgs))}")
-    figures = measure(args, msgs)
+    corpora = make_corpora(args)
+    figures = measure(args, corpora)
     result = report.result(args, command, started, round((time.monotonic() - t_start) / 60, 1),
-                           corpuslib.describe(msgs), figures)
+                           {k: corpuslib.describe(m) for k, m in corpora.items() if m}, figures)
     report.show(result)
     path = report.save(result, args.results, started)
     print(f"\nresults: {path}  ({result['minutes']} minutes)")

@@ -1,6 +1,7 @@
 """The benchmark's variants (see run.py): the milters it starts beside the stack, Postfix's
-smtpd_milters switched between them, one measured run of a variant and the memory run, with
-what they read from /proc (CPU time of process trees and of the machine, memory, threads, sockets).
+smtpd_milters switched between them, one measured run of a variant (variant 13: with a spamd member
+killed half-way and started again after) and the memory run, with what they read from /proc (CPU
+time of process trees and of the machine, memory, threads, sockets).
 
 Needs tools/ and milter/ on sys.path (bench/run.py puts them there).
 """
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import corpus as corpuslib
@@ -33,8 +35,31 @@ VARIANTS = {  # number: (JSON key, label)
     "6": ("6_trivial_pymilter", "trivial pymilter milter"),
     "7": ("7_scanmilter_engines_off_tcp", "scanmilter, engines disabled, TCP"),
     "8": ("8_trivial_pymilter_tcp", "trivial pymilter milter, TCP"),
+    "9": ("9_rspamd_milter", "rspamd's own milter (+ clamd)"),
+    "10": ("10_scanmilter_rspamd", "scanmilter + clamd + rspamd"),
+    "11": ("11_scanners_direct_rspamd", "clamd + rspamd directly"),
+    "12": ("12_scanmilter_spamd_pool", "scanmilter + clamd + 2 spamd (pool)"),
+    "13": ("13_scanmilter_spamd_failover", "as 12, one spamd killed mid-run"),
+    "14": ("14_scanmilter_attachments_only", "scanmilter, attachment checks only"),
+    "15": ("15_scanmilter_no_attachments", "as 3, attachment checks off"),
 }
-SPAMD_BOUND = ("3", "4", "5")
+SPAMD_BOUND = ("3", "4", "5", "12", "13", "15")    # --messages per run; the others --fast-repeat times as many
+SCANNING = ("3", "4", "5", "9", "10", "11", "12", "13", "15")   # spam and viruses are rejected
+# the attachment checks alone refuse the corpus's viruses by their name (invoice-N.com: the
+# shipped `executable` rule), with 554 5.7.1, and let spam through
+ATTACHMENTS_ONLY = ("14",)
+REJECT_CODE = {"9": 554}                           # rspamd's milter rejects with 554 5.7.1, the others with 550
+RSPAMD_VARIANTS = ("9", "10", "11")
+POOL = ("spamd-2", "spamd-3")                      # the stack's spamd members that make variant 12's pool
+FAILOVER_VICTIM = "spamd-3"                        # variant 13 kills this one
+DIRECT = {"5": "spamd", "11": "rspamd"}            # no MTA: the scanners driven directly, with this spam engine
+# rspamd's antivirus module serves its own milter (9). A request that names a direction in
+# Settings-ID (scanmilter's, and variant 11's through scanmilter's client) skips it: scanmilter
+# asks clamd itself, and clamd is not to be asked twice for one message.
+RSPAMD_BENCH_SETTINGS = """\
+inbound { id = "inbound"; apply { symbols_disabled = ["CLAM_VIRUS"]; } }
+outbound { id = "outbound"; apply { symbols_disabled = ["CLAM_VIRUS"]; } }
+"""
 START_TIMEOUT = 60.0                # a milter must accept connections within this
 DRAIN_TIMEOUT = 300.0               # Postfix's queue must be empty within this after a run
 WARMUP = 16                         # untimed messages before every measured run
@@ -231,7 +256,73 @@ class Postfix:
 
 
 def expected_code(msg, variant) -> int:
-    return 550 if variant in ("3", "4", "5") and msg.spam_or_virus else 250
+    if variant in ATTACHMENTS_ONLY:
+        return 554 if msg.kind == "virus" else 250
+    return REJECT_CODE.get(variant, 550) if variant in SCANNING and msg.spam_or_virus else 250
+
+
+def scrape(port) -> str:
+    """A scanmilter's metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def gauge(text, metric, **labels):
+    """The value of one labelled sample of a metrics page, or None when it is absent."""
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name == metric and all(f'{k}="{v}"' in rest.partition("}")[0] for k, v in labels.items()):
+            return float(rest.rpartition(" ")[2])
+    return None
+
+
+class Failover:
+    """Variant 13: one spamd member of the pool killed with SIGKILL, its children too (as a crash
+    would), when half of the run's messages have their reply; the times to split the throughput
+    into before and after the kill, and the member's CPU until then (its /proc entries go with it)."""
+
+    def __init__(self, stack, victim, after):
+        self.stack, self.victim, self.after = stack, victim, after
+        self.lock, self.done = threading.Lock(), 0
+        self.t_start = self.t_kill = self.t_end = None
+        self.victim_cpu = 0.0
+        self.failovers = 0       # scans scanmilter moved on to the other member (its metrics)
+
+    def wrap(self, fn):
+        def send(i):
+            try:
+                return fn(i)
+            finally:
+                with self.lock:
+                    self.done += 1
+                    if self.done == self.after:
+                        self.kill()
+        return send
+
+    def kill(self):
+        [(pid, _)] = self.stack.pids(self.victim)
+        self.victim_cpu = tree_cpu([pid])
+        os.killpg(pid, signal.SIGKILL)
+        self.t_kill = time.perf_counter()
+        log(f"  killed {self.victim} (pid {pid} and its children, SIGKILL) after {self.done} replies")
+
+    def figures(self, n) -> dict:
+        out = {"killed": self.victim, "after_replies": self.after if self.t_kill else None,
+               "before_msgs_per_s": None, "after_msgs_per_s": None, "failovers": self.failovers}
+        if self.t_kill:
+            out["before_msgs_per_s"] = self.after / (self.t_kill - self.t_start)
+            out["after_msgs_per_s"] = (n - self.after) / max(self.t_end - self.t_kill, 1e-6)
+        return out
+
+
+def pool_children(total) -> int:
+    """spamd children of each member of variant 12's pool: the pool splits variant 3's total."""
+    return max(1, total // len(POOL))
+
+
+def write_rspamd_settings(stack) -> None:
+    """Stack(before_start=...): the benchmark's own rspamd settings (RSPAMD_BENCH_SETTINGS)."""
+    (stack.rspamd_dir / "local.d" / "settings.conf").write_text(RSPAMD_BENCH_SETTINGS)
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -244,6 +335,8 @@ class Bench:
         self.postfix = None
         self.milters = {}        # variant -> names of its milter processes, in smtpd_milters order
         self.sockets = {}        # milter name -> its address in Postfix's spelling (unix:PATH, inet:HOST:PORT)
+        self.external = {}       # variant -> milters that are not our processes (rspamd's own), Postfix's spelling
+        self.metrics_ports = {}  # scanmilter name -> its metrics port
 
     # ------------------------------------------------------------ set-up
     def setup(self, variants):
@@ -251,9 +344,19 @@ class Bench:
         (self.root / "run").mkdir(exist_ok=True)
         self.processes = MilterProcs(self.root)
         self.processes.stop_leftovers()
-        self.stack = stacklib.Stack(self.root, smtp_port=stacklib.free_port(), with_milter=False,
-                                    spamd_children=self.args.spamd_children)
-        log(f"starting Postfix, clamd, spamd ({self.args.spamd_children} children), smtp-sink under {self.root}")
+        a = self.args
+        rspamd, pool = any(v in variants for v in RSPAMD_VARIANTS), any(v in variants for v in ("12", "13"))
+        self.stack = stacklib.Stack(
+            self.root, smtp_port=stacklib.free_port(), with_milter=False, spamd_children=a.spamd_children,
+            # clamd keeps the digests of clean content it scanned; every run sends the same corpus
+            # (and 9-11 the same attachments), so with that cache a later scan would cost nothing
+            clamd_settings={"DisableCache": "yes"},
+            rspamd=rspamd, rspamd_milter="9" in variants, rspamd_workers=a.rspamd_workers,
+            spamd_members=1 + len(POOL) if pool else 1, spamd_member_children=pool_children(a.spamd_children),
+            before_start=write_rspamd_settings if rspamd else None)
+        log(f"starting Postfix, clamd, spamd ({a.spamd_children} children), smtp-sink"
+            + (f", {len(POOL)} more spamd ({pool_children(a.spamd_children)} children each)" if pool else "")
+            + (f", rspamd ({a.rspamd_workers} workers) and its redis" if rspamd else "") + f" under {self.root}")
         self.stack.start()
         self.postfix = Postfix(self.stack)
         # 100 concurrent sessions in the memory run need more than the default 100 smtpd processes
@@ -264,7 +367,7 @@ class Bench:
         mdir.mkdir()
         os.chmod(mdir, 0o755)
         if "2" in variants:
-            self.start_scanmilter("scanmilter-noeng", engines=False)
+            self.start_scanmilter("scanmilter-noeng", engines=False, files=False)
             self.milters["2"] = ["scanmilter-noeng"]
         if "3" in variants:
             self.start_scanmilter("scanmilter", engines=True)
@@ -276,11 +379,28 @@ class Bench:
             self.start_trivial("trivial", tcp=False)
             self.milters["6"] = ["trivial"]
         if "7" in variants:
-            self.start_scanmilter("scanmilter-noeng-tcp", engines=False, tcp=True)
+            self.start_scanmilter("scanmilter-noeng-tcp", engines=False, tcp=True, files=False)
             self.milters["7"] = ["scanmilter-noeng-tcp"]
         if "8" in variants:
             self.start_trivial("trivial-tcp", tcp=True)
             self.milters["8"] = ["trivial-tcp"]
+        if "9" in variants:
+            self.milters["9"], self.external["9"] = [], [f"unix:{self.stack.rspamd_milter_socket}"]
+        if "10" in variants:
+            self.start_scanmilter("scanmilter-rspamd", spam_engine="rspamd")
+            self.milters["10"] = ["scanmilter-rspamd"]
+        if "12" in variants:
+            self.start_scanmilter("scanmilter-pool", spamd=POOL)
+            self.milters["12"] = ["scanmilter-pool"]
+        if "13" in variants:
+            self.start_scanmilter("scanmilter-failover", spamd=POOL)
+            self.milters["13"] = ["scanmilter-failover"]
+        if "14" in variants:
+            self.start_scanmilter("scanmilter-files", engines=False, files=True)
+            self.milters["14"] = ["scanmilter-files"]
+        if "15" in variants:
+            self.start_scanmilter("scanmilter-nofiles", engines=True, files=False)
+            self.milters["15"] = ["scanmilter-nofiles"]
 
     def listen_address(self, name, tcp):
         """(libmilter's spelling, Postfix's spelling, what MilterProcs.start waits for)."""
@@ -295,14 +415,20 @@ class Bench:
         self.processes.start(name, [sys.executable, str(TRIVIAL_MILTER), listen], wait, self.root / "milters")
         self.sockets[name] = postfix
 
-    def start_scanmilter(self, name, engines=True, tcp=False):
+    def start_scanmilter(self, name, engines=True, tcp=False, spam_engine="spamd", spamd=("spamd",), files=True):
+        """spamd: the stack's spamd members it uses (one address, or a pool of several); files:
+        the attachment checks (on in the real job, off where scanmilter alone is measured)."""
         mdir = self.root / "milters"
         conf = mdir / f"{name}.toml"
         listen, postfix, wait = self.listen_address(name, tcp)
         st = self.stack
+        addresses = [st.member_address(m) for m in spamd]
+        self.metrics_ports[name] = stacklib.free_port()
         settings = {"milter_socket": listen, "milter_socket_mode": "0666", **st.engine_settings(),
-                    "metrics_address": f"127.0.0.1:{stacklib.free_port()}",
-                    "clamd_enabled": engines, "spamd_enabled": engines}
+                    "spamd_socket": addresses[0] if len(addresses) == 1 else addresses,
+                    "metrics_address": f"127.0.0.1:{self.metrics_ports[name]}",
+                    "clamd_enabled": engines, "spamd_enabled": engines, "spam_engine": spam_engine,
+                    "files_enabled": files}
         stacklib.write_settings(conf, settings)
         env = dict(os.environ, PYTHONPATH=str(REPO / "milter"))
         self.processes.start(name, [sys.executable, "-m", "scanmilter", "serve", "-c", str(conf)], wait, mdir, env=env)
@@ -331,9 +457,17 @@ class Bench:
                                                 "-d", "127.0.0.1", "-p", str(self.stack.spamd_port)], ssock, mdir)
         self.sockets["clamav-milter"], self.sockets["spamass-milter"] = f"unix:{csock}", f"unix:{ssock}"
 
+    def milter_addresses(self, variant):
+        return [self.sockets[n] for n in self.milters.get(variant, [])] + self.external.get(variant, [])
+
     def empty_scan_caches(self, variant):
         """Every run sends the same corpus: without this, scanmilter would answer the second run
-        from its scan cache. A reload (SIGHUP) starts an empty cache; wait until it is done."""
+        from its scan cache. A reload (SIGHUP) starts an empty cache; wait until it is done.
+        rspamd keeps what its antivirus module learned in redis (nothing else of the benchmark's is
+        there): emptied too."""
+        if variant in RSPAMD_VARIANTS:
+            if b"+OK" not in (procs.chat(self.stack.redis_socket, b"FLUSHALL\r\nQUIT\r\n") or b""):
+                raise BenchError("redis did not empty its database (FLUSHALL)")
         for name in self.milters.get(variant, []):
             if not name.startswith("scanmilter"):
                 continue
@@ -360,11 +494,40 @@ class Bench:
 
     # ------------------------------------------------------------ measuring
     def groups(self, variant):
-        """{group: [root pids]} whose CPU is measured."""
+        """{group: [root pids]} whose CPU is measured. spamd: every spamd member of the stack (the
+        idle ones cost nothing); rspamd: rspamd (its main process and workers) with its redis."""
         st = self.stack
-        g = {name: [p for p, _ in st.pids(name)] for name in ("postfix", "clamd", "spamd", "sink")}
+        g = {name: [p for p, _ in st.pids(name)] for name in ("postfix", "clamd", "sink")}
+        g["spamd"] = [p for m in st.members("spamd") for p, _ in st.pids(m)]
+        g["rspamd"] = [p for m in stacklib.RSPAMD_SERVICES if st.rspamd for p, _ in st.pids(m)]
         g["milter"] = [self.processes.pid(n) for n in self.milters.get(variant, [])]
         return g
+
+    def spamd_failovers(self, variant) -> float:
+        """How many spamd scans the variant's scanmilter has moved on to another member so far."""
+        page = scrape(self.metrics_ports[self.milters[variant][0]])
+        return gauge(page, "scanmilter_member_failovers_total", engine="spamd") or 0
+
+    def restore_member(self, name):
+        """Start a killed spamd member again and wait until every scanmilter with it in its pool
+        has it back in the rotation (up, circuit closed), so that later runs find the pool whole."""
+        st = self.stack
+        st.start_service(name, timeout=START_TIMEOUT)
+        address = st.member_address(name)
+        users = [n for v in ("12", "13") for n in self.milters.get(v, [])]
+
+        def back():
+            for n in users:
+                page = scrape(self.metrics_ports[n])
+                labels = {"engine": "spamd", "member": address}
+                if gauge(page, "scanmilter_member_up", **labels) != 1 \
+                        or gauge(page, "scanmilter_member_circuit_open", **labels):
+                    return False
+            return True
+        if not procs.wait_until(back, START_TIMEOUT, interval=0.5):
+            raise BenchError(f"{name} started again, but not back in the pool of {', '.join(users)} after "
+                             f"{START_TIMEOUT:.0f}s")
+        log(f"  {name} started again and back in the pool")
 
     def snapshot(self, groups):
         snap = {k: tree_cpu(v) for k, v in groups.items()}
@@ -377,34 +540,50 @@ class Bench:
         """One measured run of a variant: dict of raw figures."""
         sessions = sessions or self.args.sessions
         st, pf = self.stack, self.postfix
-        if variant == "5":
-            scan = DirectScan(st)
-            fn = lambda i: scan(msgs[i].data)   # noqa: E731
+        if variant in DIRECT:
+            scan = DirectScan(st, DIRECT[variant])
+            fn = lambda i: scan(msgs[i].data, msgs[i].sender)   # noqa: E731
         else:
-            pf.set_milters([self.sockets[n] for n in self.milters.get(variant, [])])
+            pf.set_milters(self.milter_addresses(variant))
             fn = lambda i: smtp_send(st.smtp_port, payloads[i], msgs[i].sender)   # noqa: E731
         n = len(msgs)
         warm = [i for i in range(len(msgs)) if msgs[i].kind == "ham"][:WARMUP]
         run_load(warm, sessions, fn, 120)
         pf.drain()
         self.empty_scan_caches(variant)
+        failover = Failover(st, FAILOVER_VICTIM, n // 2) if variant == "13" and n >= 2 else None
         groups = self.groups(variant)
+        if failover:
+            failover.failovers = -self.spamd_failovers("13")
         s0 = self.snapshot(groups)
+        if failover:
+            fn = failover.wrap(fn)
+            failover.t_start = time.perf_counter()
         results, seconds = run_load(list(range(n)), sessions, fn,
                                     timeout=self.args.run_timeout)
+        if failover:
+            failover.t_end = time.perf_counter()
         s1 = self.snapshot(groups)
         pf.drain()
         s2 = self.snapshot(groups)
+        if failover:
+            failover.failovers += self.spamd_failovers("13")
+        if failover and failover.t_kill:
+            for s in (s1, s2):          # the killed member's CPU up to its end
+                s["spamd"] += failover.victim_cpu
+            self.restore_member(FAILOVER_VICTIM)
         cpu = {k: s2[k] - s0[k] for k in list(groups) + ["client"]}   # the run and Postfix's delivery after it
         # CPU used on the machine during the load by processes that are not ours (another test suite, ...):
         # the machine's user+system time minus everything we account for
         tracked = sum(s1[k] - s0[k] for k in list(groups) + ["client"])
         other = max(0.0, (s1["_system"] - s0["_system"]) - tracked)
         capacity = (s1["_time"] - s0["_time"]) * (os.cpu_count() or 1)
-        if variant == "5":
+        if variant in DIRECT:
             cpu["postfix"] = None  # Postfix is not involved
         if not groups["milter"]:
             cpu["milter"] = None
+        if not st.rspamd:
+            cpu["rspamd"] = None
         codes, unexpected = {}, []
         for m, r in zip(msgs, results):
             codes[str(r["code"])] = codes.get(str(r["code"]), 0) + 1
@@ -418,6 +597,8 @@ class Bench:
                 "cpu_s": cpu, "rss": rss, "other_cpu_s": other, "other_cpu_share": other / capacity,
                 "steal_share": (s1["_steal"] - s0["_steal"]) / capacity,
                 "disturbed": other / capacity > self.args.disturbed_share,
+                "tempfails": sum(1 for r in results if 400 <= r["code"] < 500),
+                **({"failover": failover.figures(n)} if failover else {}),
                 "latencies": [(m.kind, r["latency"], r["data_latency"]) for m, r in zip(msgs, results)]}
 
     def memory_run(self, msgs, payloads):

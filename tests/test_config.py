@@ -81,3 +81,17 @@ def test_check_config_n_shows_only_values_that_differ_from_the_defaults(tmp_path
     assert cli.main(["check-config", "-c", path]) == 0
     out = capsys.readouterr().out
     assert out.count("# changed") == 1 and f'milter_socket_mode = "{mode.lstrip("0")}"  # mode: ' in out
+
+
+def test_check_config_prints_the_attachment_rules_and_digest_settings(tmp_path, capsys):
+    """The effective policy shows every part that decides: [files] rules and actions, [notify]."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[inbound.files]\nscript = "quarantine"\n[notify]\nsend = true\n'
+                      '[files.rules.office]\nextensions = ["docm"]\n[outbound.files]\noffice = "reject"\n')
+    path = write(tmp_path, f'policy_file = "{policy}"\nquarantine_directory = "{tmp_path}/q"\n')
+    assert cli.main(["check-config", "-c", path]) == 0
+    out = capsys.readouterr().out.split("# policy")[1]
+    assert '"script" = "quarantine"' in out.split("[inbound.files]")[1].split("[")[0]
+    assert '"office" = "reject"' in out.split("[outbound.files]")[1]
+    assert '[files.rules."office"]' in out and 'extensions = ["docm"]' in out
+    assert "[notify]\nsend = true" in out

@@ -78,6 +78,7 @@ def test_engine_check_timeout_bounds_a_ping_far_below_the_scan_timeout(tmp_path)
     server = BadServer("hang", unix_path=tmp_path / "clamd.sock")
     try:
         settings = {"clamd_socket": f"unix:{tmp_path}/clamd.sock", "clamd_timeout": 60.0, "spamd_enabled": False,
+                    "files_enabled": False,
                     "engine_check_timeout": 0.3}
         cfg = config.parse(config.DAEMON_SETTINGS, settings, "test")
         [clamd] = scanners.from_settings(cfg)

@@ -222,7 +222,7 @@ def test_a_real_client_that_hangs_gives_way_to_the_next_member(tmp_path):
     ok = Server(_clamd_ok, unix_path=tmp_path / "ok.sock")
     try:
         cfg = config.parse(config.DAEMON_SETTINGS, {
-            "clamd_socket": [f"unix:{tmp_path}/hang.sock", f"unix:{tmp_path}/ok.sock"],
+            "clamd_socket": [f"unix:{tmp_path}/hang.sock", f"unix:{tmp_path}/ok.sock"], "files_enabled": False,
             "clamd_timeout": 1.0, "spamd_enabled": False}, "test")
         [clamd] = scanners.from_settings(cfg)
         spool = Spool(1024, 1024)

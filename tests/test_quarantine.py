@@ -155,6 +155,18 @@ def test_index_is_rebuilt_from_the_files(tmp_path):
     assert again.reindex() == 2
 
 
+@pytest.mark.parametrize("pattern", ["%", "_", "x%y", "a_b", "\\"])
+def test_sender_and_recipient_filters_match_literally(tmp_path, pattern):
+    """LIKE's wildcards in a filter are the characters themselves, as in the PostgreSQL store:
+    `--from %` finds senders with a percent sign, not every entry."""
+    store = Q.FileStore(str(tmp_path / "q"))
+    plain = put(store, sender="plain@example.test", recipients=["r@example.test"])
+    odd = put(store, sender=f"odd{pattern}@example.test", recipients=[f"r{pattern}@example.test"])
+    assert [e.id for e in store.select(sender=pattern)] == [odd]
+    assert [e.id for e in store.select(recipient=pattern)] == [odd]
+    assert {e.id for e in store.select(sender="@example.test")} == {plain, odd}
+
+
 def test_filters_delete_purge_and_stats(tmp_path):
     store = Q.FileStore(str(tmp_path / "q"))
     old = put(store, time=time.time() - 40 * 86400, sender="x@old.test")

@@ -362,10 +362,10 @@ def test_controller_down_and_unreadable_password_are_errors(tmp_path):
 # ------------------------------------------------------------------ the engine table and settings
 def test_spam_engine_setting_chooses_the_engine():
     names = [e.name for e in scanners.from_settings(config.parse(config.DAEMON_SETTINGS, {}, "t"))]
-    assert names == ["spamd", "clamd"]
+    assert names == ["spamd", "clamd", "files"]
     cfg = config.parse(config.DAEMON_SETTINGS, {"spam_engine": "rspamd", "rspamd_socket": "unix:/r.sock"}, "t")
     engines = scanners.from_settings(cfg)
-    assert [e.name for e in engines] == ["rspamd", "clamd"] and engines[0].address == ("unix", "/r.sock")
+    assert [e.name for e in engines] == ["rspamd", "clamd", "files"] and engines[0].address == ("unix", "/r.sock")
     with pytest.raises(config.ConfigError):
         config.parse(config.DAEMON_SETTINGS, {"spam_engine": "bogofilter"}, "t")
 

@@ -25,7 +25,7 @@ from scanmilter.scanners import ScanResult
 from scanmilter.verdict import combine
 
 DAEMON_MODULES = ("scanmilter.app", "scanmilter.handler", "Milter", "milter")
-COMMANDS = ("explain", "selftest", "postfix_check", "miltertalk", "quarantine")
+COMMANDS = ("explain", "selftest", "postfix_check", "miltertalk", "quarantine", "lists")
 
 
 def loaded_after(code: str) -> list[str]:
@@ -85,8 +85,8 @@ def test_a_third_engine_is_its_module_its_settings_and_one_entry_in_the_table(tm
     cfg = config.Values(settings, {}, "test")
     with scan_pool(2) as pool:
         pipeline = app.build_pipeline(cfg, pool, None, None)
-        assert [e.name for e in pipeline.engines] == ["spamd", "clamd", "fake"]
-        cfg = config.Values(settings, {"spamd_enabled": False, "clamd_enabled": False}, "test")
+        assert [e.name for e in pipeline.engines] == ["spamd", "clamd", "files", "fake"]
+        cfg = config.Values(settings, {"spamd_enabled": False, "clamd_enabled": False, "files_enabled": False}, "test")
         pipeline = app.build_pipeline(cfg, pool, None, None)
         spool = Spool(1024, 1024)
         spool.write(b"Subject: x\r\n\r\nbody\r\n")
@@ -96,11 +96,11 @@ def test_a_third_engine_is_its_module_its_settings_and_one_entry_in_the_table(tm
 
 def test_engines_are_built_only_when_enabled_slowest_first():
     cfg = config.parse(config.DAEMON_SETTINGS, {}, "test")
-    assert list(scanners.ENGINES) == ["spamd", "rspamd", "clamd"]
-    assert [e.name for e in scanners.from_settings(cfg)] == ["spamd", "clamd"]       # spam_engine = "spamd"
+    assert list(scanners.ENGINES) == ["spamd", "rspamd", "clamd", "files"]
+    assert [e.name for e in scanners.from_settings(cfg)] == ["spamd", "clamd", "files"]   # spam_engine = "spamd"
     rspamd = config.parse(config.DAEMON_SETTINGS, {"spam_engine": "rspamd"}, "test")
-    assert [e.name for e in scanners.from_settings(rspamd)] == ["rspamd", "clamd"]
-    cfg = config.parse(config.DAEMON_SETTINGS, {"spamd_enabled": False}, "test")
+    assert [e.name for e in scanners.from_settings(rspamd)] == ["rspamd", "clamd", "files"]
+    cfg = config.parse(config.DAEMON_SETTINGS, {"spamd_enabled": False, "files_enabled": False}, "test")
     assert [e.name for e in scanners.from_settings(cfg)] == ["clamd"]
 
 
@@ -319,3 +319,18 @@ def test_a_store_that_fails_tempfails_and_logs_where_it_failed(logged):
     [record] = [r for r in logged.records if "quarantine store failed" in r.getMessage()]
     assert record.exc_info and record.exc_info[0] is KeyError
     assert "Traceback" in logged.text and "in put" in logged.text
+
+
+class DownStore(MemoryStore):
+    def put(self, reader, meta, index_failed=None):
+        raise Q.StoreError("database host=/run/pg: connection refused")
+
+
+def test_a_store_that_is_down_tempfails_with_one_line_and_no_traceback(logged):
+    """A database outage is the store's own, expected failure: one line per message, not a
+    traceback per held message for as long as it lasts."""
+    answer, h = hold_one(DownStore())
+    assert answer == Milter.TEMPFAIL and h._ctx.reply[:2] == ("451", "4.7.1")
+    [record] = [r for r in logged.records if "quarantine store failed" in r.getMessage()]
+    assert "connection refused" in record.getMessage() and not record.exc_info
+    assert "Traceback" not in logged.text

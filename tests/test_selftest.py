@@ -111,6 +111,8 @@ def test_answers_that_follow_the_policy_pass(case, a, shown):
     ("clean", answer("accept", clamd="skipped"), "clamd did not scan"),
     ("clean", answer("accept", score=5.0), "at or over its required 5.0"),
     ("gtube", answer("accept", score=3.0), "spamd did not find GTUBE"),
+    ("gtube", answer("accept", score=3.0, engine="rspamd"), "rspamd did not find GTUBE"),
+    ("clean", answer("accept", score=None, engine="rspamd"), "rspamd gave the clean message no score"),
     ("eicar", answer("accept"), "clamd found no virus"),
     # the answer contradicts the decision
     ("eicar", answer("accept", viruses=["E"], decision="reject", reason="virus", answer="reject"),
@@ -152,5 +154,5 @@ def test_the_client_marks_its_session():
 def test_the_report_names_every_key_selftest_reads():
     h = session(Engine("spamd", HAM), Engine("clamd", CLEAN))
     feed(h, [("Subject", b" test")])
-    assert set(report_of(h)) == selftest.REPORT_KEYS
+    assert set(report_of(h)) == selftest.REPORT_KEYS | selftest.REPORT_OPTIONAL_KEYS
     assert selftest.parse_report(Answer("accept", added=[(selftest.REPORT_HEADER, '{"viruses": []}')])) is None

@@ -18,7 +18,8 @@ def run(*cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
 
 
-@pytest.mark.parametrize("unit", ["scanmilter.service", "scanmilter-purge.service"])
+@pytest.mark.parametrize("unit", ["scanmilter.service", "scanmilter-purge.service", "scanmilter-notify.service",
+                                  "scanmilter-web.service"])
 def test_exposure_score_is_ok(unit):
     out = run("systemd-analyze", "security", "--offline=yes", str(ROOT / "systemd" / unit))
     score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", out.stdout).group(1))
@@ -29,12 +30,12 @@ def test_exposure_score_is_ok(unit):
 def test_units_verify(tmp_path):
     binary = shutil.which("scanmilter") or str(ROOT / ".venv" / "bin" / "scanmilter")
     assert os.access(binary, os.X_OK), binary
-    for name in ("scanmilter.service", "scanmilter-purge.service", "scanmilter-purge.timer"):
+    names = ("scanmilter.service", "scanmilter-purge.service", "scanmilter-purge.timer", "scanmilter-notify.service",
+             "scanmilter-notify.timer", "scanmilter-web.service")
+    for name in names:
         text = (ROOT / "systemd" / name).read_text().replace("/usr/local/bin/scanmilter", binary)
         (tmp_path / name).write_text(text)
-    out = run("systemd-analyze", "verify", *(str(tmp_path / n) for n in ("scanmilter.service",
-                                                                        "scanmilter-purge.service",
-                                                                        "scanmilter-purge.timer")))
+    out = run("systemd-analyze", "verify", *(str(tmp_path / n) for n in names))
     assert out.returncode == 0 and "scanmilter" not in out.stderr, out.stderr
 
 
@@ -42,6 +43,7 @@ def test_install_into_a_fresh_root(tmp_path):
     root = tmp_path / "root"
     assert run(str(ROOT / "tools" / "install-units"), env={**os.environ, "DESTDIR": str(root)}).returncode == 0
     for path in ("etc/systemd/system/scanmilter.service", "etc/systemd/system/scanmilter-purge.timer",
+                 "etc/systemd/system/scanmilter-notify.timer", "etc/systemd/system/scanmilter-web.service",
                  "usr/lib/sysusers.d/scanmilter.conf", "usr/lib/tmpfiles.d/scanmilter.conf",
                  "etc/scanmilter/scanmilter.toml", "etc/scanmilter/policy.toml"):
         assert (root / path).is_file(), path
@@ -109,7 +111,8 @@ def test_the_shipped_socket_is_inside_debians_postfix_chroot():
         assert chroot[("smtp", "inet")] == chroot[("cleanup", "unix")] == "y"
 
 
-@pytest.mark.parametrize("name", ["scanmilter.service", "scanmilter-purge.service"])
+@pytest.mark.parametrize("name", ["scanmilter.service", "scanmilter-purge.service", "scanmilter-notify.service",
+                                  "scanmilter-web.service"])
 def test_the_units_can_read_the_configuration(name):
     """With Group= set, systemd gives the service that group and the user's memberships, not the
     user's own group: the group of /etc/scanmilter must be named."""

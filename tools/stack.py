@@ -158,7 +158,8 @@ class Stack:
                  scanmilter_settings=None, policy_text=None, spamd_children=2, clamd_settings=None,
                  milter_inet_port=None, spamd_learning=False, debian_master=False, queue_dir=None,
                  milter_socket=None, postfix_settings=None, before_start=None, quarantine=False,
-                 rspamd=False, clamd_members=1, spamd_members=1, spamd_virtual_users=None):
+                 rspamd=False, clamd_members=1, spamd_members=1, spamd_virtual_users=None,
+                 rspamd_milter=False, rspamd_workers=1, spamd_member_children=None, queue_in_front=False):
         self.root = Path(root).resolve()
         self.smtp_port, self.with_milter, self.spamd_children = smtp_port, with_milter, spamd_children
         self.milter_cmd = milter_cmd  # list of str; "{socket}", "{config}", "{root}" are filled in
@@ -175,6 +176,10 @@ class Stack:
         self.sink_port, self.spamd_port, self.clamd_port = free_port(), free_port(), free_port()
         # quarantine releases re-inject here: an smtpd without milters, as the README documents
         self.release_port = free_port()
+        # queue_in_front: an smtpd on FRONT_PORT without milter, whose mail Postfix queues and hands to
+        # the milter's smtpd with its own smtp client (content_filter), as a sending MTA would: a
+        # message the milter tempfails stays in Postfix's queue and is retried (queue_run_delay)
+        self.front_port = free_port() if queue_in_front else None
         self.metrics_port = free_port()
         r = self.root
         self.run_dir, self.delivered_dir = r / "run", r / "delivered"
@@ -202,8 +207,8 @@ class Stack:
         self.before_start = before_start   # called with the stack once its files exist, before any service
         self.logs = {name: r / name / f"{name}.log" for name in SERVICES}
         self._procs = {}
-        self._init_rspamd(rspamd)
-        self._init_members(clamd_members, spamd_members)
+        self._init_rspamd(rspamd, rspamd_milter, rspamd_workers)
+        self._init_members(clamd_members, spamd_members, spamd_member_children)
 
     def __enter__(self):
         self.start()
@@ -226,8 +231,10 @@ class Stack:
     # ------------------------------------------------------------ pools: several clamd and spamd
     # clamd_members=N, spamd_members=N: members past the first are services of their own, named
     # clamd-2, spamd-2, ..., each with its directory DIR/NAME, socket or port, pid file and log;
-    # scanmilter's clamd_socket and spamd_socket then list every member.
-    def _init_members(self, clamd_members, spamd_members):
+    # scanmilter's clamd_socket and spamd_socket then list every member. spamd_member_children:
+    # spamd's -m for the members past the first (default: spamd_children, as the first has).
+    def _init_members(self, clamd_members, spamd_members, spamd_member_children=None):
+        self.spamd_member_children = spamd_member_children or self.spamd_children
         self.member_services = ([f"clamd-{i}" for i in range(2, clamd_members + 1)]
                                 + [f"spamd-{i}" for i in range(2, spamd_members + 1)])
         self.member_ports = {name: free_port() for name in self.member_services}
@@ -269,7 +276,8 @@ class Stack:
         if name.startswith("clamd"):
             return [procs.binary("clamd"), "-c", str(d / "clamd.conf")]
         cmd = self._command("spamd")
-        for flag, value in (("-p", self.member_ports[name]), ("-r", d / "spamd.pid"), ("-s", self.logs[name])):
+        for flag, value in (("-p", self.member_ports[name]), ("-r", d / "spamd.pid"), ("-s", self.logs[name]),
+                            ("-m", self.spamd_member_children)):
             cmd[cmd.index(flag) + 1] = str(value)
         return cmd
 
@@ -365,6 +373,11 @@ class Stack:
             services = self._debian_services()
         else:
             services = [s.format(smtp_port=self.smtp_port, release_port=self.release_port) for s in POSTFIX_SERVICES]
+        if self.front_port:
+            services += [f"127.0.0.1:{self.front_port} inet n - n - - smtpd -o smtpd_milters= -o non_smtpd_milters= "
+                         f"-o content_filter=scanned:[127.0.0.1]:{self.smtp_port}",
+                         # another name than the milter's smtpd greets with: not a mail loop to itself
+                         "scanned unix - - n - - smtp -o myhostname=front.scanmilter.test"]
         (self.postfix_conf / "main.cf").write_text(main)
         (self.postfix_conf / "master.cf").write_text("\n".join(services) + "\n")
         if self.debian_master:
@@ -517,13 +530,18 @@ class Stack:
                   "spamtrap", "dkim_signing")
     RSPAMD_PASSWORD = "scanmilter-test-controller"
 
-    def _init_rspamd(self, rspamd):
-        self.rspamd = rspamd
+    # rspamd_milter=True (the benchmark's peer): rspamd's own milter as well, its proxy worker in
+    # self-scan mode on DIR/rspamd/run/proxy.sock (rspamd_milter_socket; Postfix reaches it across the
+    # network namespace), with its antivirus module on this stack's clamd, rejecting what clamd finds.
+    # rspamd_workers: processes of the normal worker (and of that proxy worker).
+    def _init_rspamd(self, rspamd, rspamd_milter=False, rspamd_workers=1):
+        self.rspamd, self.rspamd_milter, self.rspamd_workers = rspamd, rspamd_milter, rspamd_workers
         self.rspamd_services = RSPAMD_SERVICES if rspamd else ()
         d = self.root / "rspamd"
         self.rspamd_dir, self.redis_socket = d, self.root / "redis" / "redis.sock"
         self.rspamd_socket, self.rspamd_controller = d / "run" / "normal.sock", d / "run" / "controller.sock"
         self.rspamd_password_file = d / "controller.password"
+        self.rspamd_milter_socket = d / "run" / "proxy.sock"
         self.logs.update({"rspamd": d / "log" / "rspamd.log", "redis": self.root / "redis" / "redis.log"})
 
     def rspamd_settings(self) -> dict:
@@ -546,17 +564,27 @@ class Stack:
             "override.d/mime_types.conf": 'file = ["${CONFDIR}/maps.d/mime_types.inc"];\n',
             "override.d/mid.conf": 'source { url = ["${CONFDIR}/maps.d/mid.inc"]; }\n',
             "local.d/options.inc": 'dns { nameserver = ["127.0.0.1:5353"]; timeout = 0.2s; retransmits = 1; }\n',
-            "override.d/worker-normal.inc": f'bind_socket = "{self.rspamd_socket} mode=0666"; count = 1;\n',
+            "override.d/worker-normal.inc": f'bind_socket = "{self.rspamd_socket} mode=0666"; '
+                                            f'count = {self.rspamd_workers};\n',
             "override.d/worker-controller.inc": f'bind_socket = "{self.rspamd_controller} mode=0666"; count = 1;\n'
                                                 f'password = "{self.RSPAMD_PASSWORD}"; '
                                                 f'enable_password = "{self.RSPAMD_PASSWORD}";\n',
-            "override.d/worker-proxy.inc": f'bind_socket = "{d / "run" / "proxy.sock"} mode=0600"; '
+            "override.d/worker-proxy.inc": f'bind_socket = "{self.rspamd_milter_socket} mode=0600"; '
                                            'enabled = false;\n',
             "local.d/redis.conf": f'servers = "{self.redis_socket}";\n',
             "local.d/classifier-bayes.conf": f'backend = "redis"; servers = "{self.redis_socket}"; '
                                              'min_learns = 1; autolearn = false;\n',
             "override.d/logging.inc": 'level = "info";\n',
         }
+        if self.rspamd_milter:
+            conf["override.d/worker-proxy.inc"] = (
+                f'bind_socket = "{self.rspamd_milter_socket} mode=0666"; milter = yes; timeout = 120s; '
+                f'count = {self.rspamd_workers}; upstream "local" {{ default = yes; self_scan = yes; }}\n')
+            conf["local.d/antivirus.conf"] = (
+                f'clamav {{ type = "clamav"; servers = "{self.clamd_socket}"; symbol = "CLAM_VIRUS"; '
+                'action = "reject"; }\n')
+        else:
+            (d / "local.d" / "antivirus.conf").unlink(missing_ok=True)   # DIR may hold an earlier stack's
         for name, text in conf.items():
             (d / name).write_text(text)
         self.rspamd_password_file.write_text(self.RSPAMD_PASSWORD + "\n")
@@ -576,6 +604,8 @@ class Stack:
     def _rspamd_ready(self, name):
         if name == "redis":
             return b"+PONG" in (procs.chat(self.redis_socket, b"PING\r\nQUIT\r\n") or b"")
+        if self.rspamd_milter and not procs.accepts(self.rspamd_milter_socket):
+            return False
         return b"pong" in (procs.chat(self.rspamd_socket, b"GET /ping HTTP/1.0\r\n\r\n") or b"")
 
     def rspamd_stat(self) -> dict:

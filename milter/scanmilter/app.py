@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from . import __version__, config, logs, nodelay, policyfile, quarantine, scanners
+from . import __version__, config, logs, nodelay, policyfile, quarantine, scanners, webhooks
 from .logs import log
 from .health import Health
 from .metrics import Metrics
@@ -32,8 +32,8 @@ DRAIN_POLL = 0.1          # seconds between checks of in-flight messages while d
 MAIN_LOOP_WAKEUP = 1.0    # seconds: the main thread also wakes this often to notice a dead milter loop
 
 # Settings read once at start-up: a reload that changes them says they need a restart.
-RESTART_SETTINGS = ("milter_socket", "milter_socket_mode", "milter_timeout", "scan_threads",
-                    "log_target", "syslog_socket", "metrics_address")
+RESTART_SETTINGS = ("milter_socket", "milter_socket_mode", "milter_timeout", "scan_threads", "webhook_queue_size",
+                    "log_target", "syslog_socket", "metrics_address", "shared_lists")
 
 
 def check_milter_extension() -> None:
@@ -85,10 +85,55 @@ def socket_problem(milter_socket: str) -> str:
 
 
 def open_store(cfg) -> quarantine.Store | None:
+    what = "quarantine_backend postgresql" if cfg.quarantine_backend == "postgresql" else "quarantine_directory"
     try:
-        return quarantine.open_store(cfg)
+        store = quarantine.open_store(cfg)
     except quarantine.StoreError as e:
-        raise config.ConfigError(f"quarantine_directory: {e}") from None
+        raise config.ConfigError(f"{what}: {e}") from None
+    if hasattr(store, "check_database"):
+        # A schema behind or ahead of this scanmilter stops start-up (and a reload). A database that
+        # does not answer does not: held mail is tempfailed or kept locally (quarantine_fallback)
+        # until it does, and the schema is checked before its first use.
+        state = store.check_database()
+        if state["up"] and state["problem"]:
+            store.close()
+            raise config.ConfigError(f"{what}: {state['problem']}")
+    return store
+
+
+def watch_store(store, metrics) -> None:
+    """Let a database store report its latency and its fallback to the metrics."""
+    database = getattr(store, "pg", store)
+    if hasattr(database, "check_database"):
+        database.observe = lambda operation, seconds, ok: \
+            metrics.quarantine_backend_seconds.labels(operation).observe(seconds)
+    if hasattr(store, "move_waiting"):
+        store.on_fallback = metrics.quarantine_fallback_stored.inc
+
+
+def mover(runtime) -> None:
+    """quarantine_fallback = "local": move what waits in the local store into PostgreSQL."""
+    while True:
+        time.sleep(runtime.cfg.quarantine_fallback_interval)
+        store = runtime.store
+        if not hasattr(store, "move_waiting") or store.down:
+            continue
+        failed: list[tuple[str, str]] = []
+        try:
+            moved = store.move_waiting(failed)
+        except quarantine.StoreError as e:
+            log.warning("quarantine: moving the local fallback store into PostgreSQL: %s; trying again in %.0fs",
+                        logs.escape(str(e), 1000), runtime.cfg.quarantine_fallback_interval)
+            continue
+        except Exception:   # the mover must never take the daemon down
+            log.exception("quarantine: moving the local fallback store failed")
+            continue
+        if moved:
+            runtime.metrics.quarantine_fallback_moved.inc(moved)
+            log.info("quarantine: moved %d entries from the local fallback store into PostgreSQL", moved)
+        for entry_id, reason in failed:
+            log.warning("quarantine: entry %s stays in the local fallback store: %s", entry_id,
+                        logs.escape(reason, 1000))
 
 
 class Signals:
@@ -118,6 +163,7 @@ def serve(config_path: str | None) -> int:
         cfg, policy, warnings = policyfile.load_settings_and_policy(config_path)
         store = open_store(cfg)
         check_milter_extension()
+        hooks = webhooks.hooks_from(cfg)        # their secret files: unreadable stops start-up
     except config.ConfigError as e:
         print(f"scanmilter: fatal: {e}", file=sys.stderr)
         return 1
@@ -138,16 +184,32 @@ def serve(config_path: str | None) -> int:
         except (OSError, ValueError) as e:
             log.critical("metrics_address %s: %s", cfg.metrics_address, e)
             return _exit(1)
+    webhooks.start(cfg, hooks, metrics)     # one thread; events are queued, never waited for
     health = Health(metrics, cfg.engine_failure_threshold, cfg.engine_retry_interval)
 
     if store is not None:
         removed = store.recover(min_age=0)    # no writer of ours is running yet
         if removed:
             log.warning("quarantine: removed %d file(s) left by an interrupted write", removed)
+        if getattr(store, "problem", ""):
+            log.warning("quarantine: %s: held mail is %s until the database answers", logs.escape(store.problem, 1000),
+                        f"kept in {cfg.quarantine_directory}" if cfg.quarantine_fallback == "local" else "tempfailed")
+        watch_store(store, metrics)
     pipeline = build_pipeline(cfg, scan_pool(cfg.scan_threads), health, metrics)
     runtime = Runtime(cfg, policy, pipeline, store, metrics)
+    runtime.shared = None
+    if cfg.shared_lists:
+        # read before the first message; then kept current in a thread of its own (sharedlists.py)
+        from . import db, sharedlists
+        try:
+            runtime.shared = sharedlists.start(cfg, policy, runtime, metrics)
+        except db.DatabaseError as e:       # no usable connection string, or a schema that does not match
+            log.critical("shared lists: %s", e)
+            return _exit(1)
     Milter.factory = lambda: Handler(runtime)
-    Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT)
+    # QUARANTINE: quarantine_backend = "hold" puts held mail on Postfix's hold queue; asked for always, so
+    # that a reload may switch backends
+    Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT | Milter.QUARANTINE)
     if nodelay.is_tcp(cfg.milter_socket):
         def opened(count):
             if count:
@@ -176,6 +238,7 @@ def serve(config_path: str | None) -> int:
     loop = threading.Thread(target=run_milter, name="milter", daemon=True)
     loop.start()
     threading.Thread(target=monitor, args=(runtime,), name="monitor", daemon=True).start()
+    threading.Thread(target=mover, args=(runtime,), name="mover", daemon=True).start()
     while not signals.stop and loop.is_alive():
         signals.wake.wait(MAIN_LOOP_WAKEUP)
         signals.wake.clear()
@@ -194,7 +257,10 @@ def reload(runtime, config_path: str | None) -> bool:
     Messages in flight finish with the policy they started with."""
     try:
         cfg, policy, warnings = policyfile.load_settings_and_policy(config_path)
+        hooks = webhooks.hooks_from(cfg)
         store = open_store(cfg) if quarantine.location(cfg) != quarantine.location(runtime.cfg) else runtime.store
+        if getattr(runtime, "shared", None) is not None:    # the database's lists stay merged in
+            policy = runtime.shared.adopt(policy)
     except config.ConfigError as e:
         log.error("reload refused, old configuration and policy stay in force: %s", e)
         runtime.metrics.reloads.labels("failed").inc()
@@ -208,7 +274,10 @@ def reload(runtime, config_path: str | None) -> bool:
     old = runtime.pipeline
     old.health.failure_threshold, old.health.retry_interval = cfg.engine_failure_threshold, cfg.engine_retry_interval
     runtime.pipeline = build_pipeline(cfg, old.pool, old.health, old.metrics)   # an empty cache too
+    if store is not runtime.store:
+        watch_store(store, runtime.metrics)
     runtime.cfg, runtime.policy, runtime.store = cfg, policy, store
+    webhooks.configure(cfg, hooks)
     logging.getLogger("scanmilter").setLevel(cfg.log_level.upper())
     runtime.metrics.reloads.labels("ok").inc()
     log.info("reloaded configuration %s and policy %s", config_path or "(defaults)", policy.source)
@@ -243,7 +312,10 @@ def check(runtime) -> None:
                 runtime.clamd_db_version = version[0]
                 m.clamav_db_version.set(version[0])
                 m.clamav_db_time.set(version[1])
+                runtime.database_age.observe(version[0], version[1], runtime.cfg.clamd_database_age_limit)
     store = runtime.store
+    if store is not None and hasattr(store, "check_database") and not check_database(runtime, store):
+        return
     if store is not None:
         # an index write that failed (locked, disk full) left a marker: rebuild, so that no held
         # entry stays missing from `list` and `purge`
@@ -268,6 +340,26 @@ def check(runtime) -> None:
         m.quarantine_actions.set(store.tallies())
 
 
+def check_database(runtime, store) -> bool:
+    """The quarantine's database: reachable, with the right schema (a change is logged once), and
+    what waits in the local fallback store. True when the database can be asked for its stats."""
+    m, state = runtime.metrics, store.check_database()
+    problem = state["problem"]
+    m.quarantine_backend_up.labels("postgresql").set(0 if problem else 1)
+    if hasattr(store, "waiting"):
+        try:
+            m.quarantine_fallback_entries.set(store.waiting())
+        except quarantine.StoreError as e:
+            log.warning("quarantine: local fallback store: %s", logs.escape(str(e), 1000))
+    before = getattr(runtime, "database_problem", "")
+    runtime.database_problem = problem
+    if problem and problem != before:
+        log.warning("quarantine: the database is not usable: %s", logs.escape(problem, 1000))
+    elif before and not problem:
+        log.info("quarantine: the database is back (%.0f ms)", state["seconds"] * 1000)
+    return not problem
+
+
 def drain(runtime, timeout: float) -> int:
     """Stop accepting; let in-flight messages finish, bounded by shutdown_timeout."""
     end = time.monotonic() + timeout
@@ -276,6 +368,7 @@ def drain(runtime, timeout: float) -> int:
     if runtime.in_flight:
         log.warning("stopping with %d message(s) still in flight; Postfix applies milter_default_action",
                     runtime.in_flight)
+    webhooks.finish()       # what is still queued: sent within webhook_flush_timeout, or dropped
     log.info("stopped")
     return _exit(0)
 

@@ -1,4 +1,4 @@
-"""Command line: scanmilter serve | check-config | explain | quarantine | selftest | postfix-check.
+"""Command line: scanmilter serve | check-config | explain | quarantine | lists | web | selftest | postfix-check.
 
 Never imports Milter: only `serve` loads the daemon (app.py), when it is asked for; the operator
 commands live in commands/."""
@@ -10,9 +10,11 @@ import signal
 import sys
 
 from . import __version__, config, policyfile
+from .commands import lists as lists_command
 from .commands import quarantine as quarantine_command
 from .commands.postfix_check import CONNECT_TIMEOUT
-from .policy import INBOUND, OUTBOUND
+from .policy import FILE_PREFIX, INBOUND, OUTBOUND
+from .web import command as web_command
 
 
 def _fatal(e: Exception) -> int:
@@ -40,6 +42,24 @@ def render_policy(policy, only_changed: bool) -> str:
     if policy.virus_classes:
         out.append("[virus_classes]")
         out += [f'"{p}" = "{a}"' for p, a in policy.virus_classes]
+    for d in (INBOUND, OUTBOUND):
+        actions = policy.file_actions.get(d, {})
+        if actions:
+            out.append(f"[{d}.files]")
+            out += [f"{config.toml_value(k.removeprefix(FILE_PREFIX))} = {config.toml_value(v)}"
+                    for k, v in actions.items()]
+    for rule in policy.file_rules:
+        out.append(f"[files.rules.{config.toml_value(rule.name)}]  # {rule.where}")
+        for key in ("names", "extensions", "declared_types", "detected_types", "macros", "encrypted", "name_tricks"):
+            value = getattr(rule, key)
+            if value:
+                value = sorted(value) if isinstance(value, frozenset) else value
+                out.append(f"{key} = {config.toml_value(list(value) if isinstance(value, tuple) else value)}")
+    n = policy.notify
+    out += ["[notify]", f"send = {config.toml_value(n.send)}",
+            f"admin_only_reasons = {config.toml_value(sorted(n.admin_only_reasons))}"]
+    out += [f"# [notify.domains] {config.toml_value(k)} = {config.toml_value(v)}" for k, v in n.domains.items()]
+    out += [f"# [notify.recipients] {config.toml_value(k)} = {config.toml_value(v)}" for k, v in n.recipients.items()]
     for r in policy.rewrites:
         out.append(f"# {r.where}: header_rewrite {r.direction} {r.action} {r.name}"
                    + (f" match /{r.match.pattern}/" if r.match else "") + (f' value "{r.value}"' if r.value else ""))
@@ -82,15 +102,17 @@ def _selftest(args) -> int:
     except config.ConfigError as e:
         return _fatal(e)
     # the members of each engine's pool are pinged as the configuration names them
-    return run(args.socket or cfg.milter_socket, args.timeout, engines=scanners.from_settings(cfg) if cfg else ())
+    return run(args.socket or cfg.milter_socket, args.timeout, engines=scanners.from_settings(cfg) if cfg else (),
+               cfg=cfg)
 
 
 def _explain(args) -> int:
-    from . import scanners
+    from . import scanners, sharedlists
     from .commands.explain import explain
     from .policy import Envelope
     try:
         cfg, policy, warnings = policyfile.load_settings_and_policy(args.config)
+        policy, lists_note = sharedlists.for_command(cfg, policy)      # shared_lists: the database's too
         with open(args.message, "rb") as f:
             data = f.read()
     except config.ConfigError as e:
@@ -98,6 +120,8 @@ def _explain(args) -> int:
     except OSError as e:
         return _fatal(f"{args.message}: {e.strerror}")
     envelope = Envelope(args.client_ip, args.auth_user, args.daemon, args.sender, tuple(args.rcpt))
+    if lists_note:
+        print(lists_note)
     print(explain(data, envelope, policy, scanners.from_settings(cfg), cfg.message_size_limit, args.score,
                   tuple(args.virus)))
     return 0
@@ -133,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_explain)
 
     quarantine_command.add_parser(sub)
+    lists_command.add_parser(sub)
+    web_command.add_parser(sub)
 
     p = sub.add_parser("postfix-check", help="compare Postfix's and clamd's settings with scanmilter's, and "
                        "check that Postfix can reach the running daemon")

@@ -14,11 +14,13 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .policy import VIRUS_ACTIONS
+from .policy import PROBLEM_ACTIONS, VIRUS_ACTIONS
 from .scancache import CACHE_IGNORED_HEADERS
 from .scanners import parse_client_socket
 
 KiB, MiB = 1024, 1024 * 1024
+# quarantine_backend: a new kind of store is one more name here and a branch in quarantine.open_store
+QUARANTINE_BACKENDS = ("files", "hold", "postgresql")
 
 
 class ConfigError(Exception):
@@ -83,6 +85,10 @@ def _client_sockets(v: Any) -> str | None:
     return problems[0] if problems else None
 
 
+def _absolute_or_empty(v: str) -> str | None:
+    return None if v == "" or v.startswith("/") else "expected an absolute path, or empty"
+
+
 def _octal(v: str) -> str | None:
     return None if re.fullmatch(r"0?[0-7]{3}", v) else 'expected an octal mode such as "0660"'
 
@@ -104,9 +110,9 @@ def _reply_text(v: str) -> str | None:
     if any(ord(c) < 32 or ord(c) == 127 for c in v):
         return "control characters are not allowed in SMTP reply text"
     try:
-        v.format(virus="x", score=0.0, level=0.0)
+        v.format(virus="x", score=0.0, level=0.0, file="x", rule="x", problem="x")
     except (KeyError, IndexError, ValueError) as e:
-        return f"bad placeholder ({e}); known: {{virus}}, {{score}}, {{level}}"
+        return f"bad placeholder ({e}); known: {{virus}}, {{score}}, {{level}}, {{file}}, {{rule}}, {{problem}}"
     return None
 
 
@@ -133,6 +139,31 @@ DAEMON_SETTINGS = [
             "a message up to this size is held in memory; larger ones spill to spool_directory"),
     Setting("message_size_limit", 25 * MiB, "bytes",
             "bytes stored per message; beyond it the message is read but not stored and oversize_action applies"),
+    # The attachment checks (attachments/): each limit reached is reported by its name, never passed as clean.
+    Setting("mime_nesting_limit", 20, "count",
+            "multipart and message/rfc822 levels looked into; deeper structure is reported malformed"),
+    Setting("mime_part_limit", 500, "count",
+            "MIME parts walked per message; past it the walk stops and the limit is reported"),
+    Setting("mime_header_limit", 64 * KiB, "bytes",
+            "bytes of Content-Type, Content-Disposition and Content-Transfer-Encoding kept per MIME part; "
+            "more is reported malformed"),
+    Setting("archive_depth_limit", 8, "count",
+            "archives inside archives opened (an attached zip is depth 1); a deeper one is reported, not opened"),
+    Setting("archive_member_limit", 1000, "count",
+            "archive members listed per message, all archives together; past it no more archives are read"),
+    Setting("archive_expansion_limit", 100 * MiB, "bytes",
+            "bytes unpacked from the archives of one message, all together; past it no more archives are read"),
+    Setting("archive_ratio_limit", 100, "count",
+            "an archive that unpacks to more than this many times its own size (past archive_ratio_floor) is "
+            "a bomb: it is not read further"),
+    Setting("archive_ratio_floor", 1 * MiB, "bytes",
+            "bytes an archive may unpack before archive_ratio_limit is applied to it"),
+    Setting("attachment_timeout", 10.0, "seconds",
+            "how long the attachment checks of one message may take; past it the walk stops and the limit "
+            "is reported"),
+    Setting("files_enabled", True, "switch",
+            "run the attachment checks (file names, real types, archives, macros) beside the engines, judged "
+            "by the policy's [files] rules; off: no [files] rule ever matches"),
     Setting("header_count_limit", 1000, "count",
             "header fields per message (real mail has a few dozen); past it the message is read, not kept, "
             "and refused with header_limit_action, unscanned"),
@@ -147,13 +178,33 @@ DAEMON_SETTINGS = [
     Setting("shutdown_timeout", 30.0, "seconds",
             "on SIGTERM, how long in-flight messages may take to finish before the process exits"),
     Setting("quarantine_directory", "", "path",
-            "where held mail is kept (created 0700); empty: no quarantine, and policies that hold mail are refused"),
+            "where held mail is kept (created 0700); with quarantine_backend = \"hold\" only the index of verdicts by "
+            "queue id; empty: no quarantine, and policies that hold mail are refused"),
+    Setting("quarantine_backend", "files", "choice",
+            "files: messages and index in quarantine_directory; hold: messages on Postfix's hold queue "
+            "(docs/hold-queue.md); postgresql: one quarantine in PostgreSQL for every host (the database_* settings, "
+            "docs/multi-host.md)", choices=QUARANTINE_BACKENDS),
+    Setting("postfix_config_directory", "", "path",
+            "the Postfix instance the hold backend's postqueue, postsuper and postcat act on (their -c); "
+            "empty: Postfix's default", check=_absolute_or_empty),
+    Setting("postfix_command_timeout", 60.0, "seconds", "how long one postqueue, postsuper or postcat may take"),
     Setting("quarantine_release_address", "inet:127.0.0.1:10026", "socket",
             "the Postfix service that `quarantine release` re-injects into; it must not run scanmilter",
             check=_client_socket),
     Setting("quarantine_release_timeout", 60.0, "seconds", "how long a release may take over SMTP"),
     Setting("quarantine_max_age", 30 * 86400, "seconds",
             "`quarantine purge` without --older-than deletes entries older than this"),
+    Setting("quarantine_fallback", "tempfail", "choice",
+            "quarantine_backend = \"postgresql\" and the database cannot take a held message: tempfail it (the "
+            "sender retries), or keep it in quarantine_directory until the database is back (local)",
+            choices=("tempfail", "local")),
+    Setting("quarantine_fallback_interval", 30.0, "seconds",
+            "how often the daemon moves held mail from the local fallback store into PostgreSQL"),
+    Setting("quarantine_central_release_address", "", "socket",
+            "with quarantine_backend = \"postgresql\": every release goes through this Postfix service "
+            "(inet:HOST:PORT); empty: through the one recorded in the entry by the host that held it",
+            check=lambda v: (_client_socket(v) or (None if v.startswith("inet:") else "expected inet:HOST:PORT"))
+            if v else None),
     Setting("database_dsn", "", "text",
             "PostgreSQL connection string (libpq: \"host=db.example dbname=scanmilter user=scanmilter\"); "
             "prefer database_dsn_file when it holds a password", secret=True),
@@ -163,6 +214,68 @@ DAEMON_SETTINGS = [
     Setting("database_connect_timeout", 5.0, "seconds",
             "how long to wait for a connection to PostgreSQL (from the pool or a new one)"),
     Setting("database_statement_timeout", 10.0, "seconds", "the longest one SQL statement may run"),
+    Setting("database_lock_timeout", 120.0, "seconds",
+            "how long a quarantine command waits for an entry another host is releasing or deleting, and the "
+            "longest such a command may keep the entry's row locked (at least quarantine_release_timeout)"),
+    Setting("database_retry_interval", 5.0, "seconds",
+            "after PostgreSQL failed, held mail goes straight to quarantine_fallback this long before the "
+            "database is tried again (the daemon's check retries sooner when it answers)"),
+    Setting("database_host_name", "", "text",
+            "this host's name in the shared database (the entries it holds, who did what); empty: the "
+            "machine's fully qualified name"),
+    Setting("shared_lists", False, "switch",
+            "also take allow/block lists and per-recipient settings from PostgreSQL (the database_* settings), "
+            "applied without a reload (docs/shared-lists.md)"),
+    Setting("shared_lists_refresh_interval", 10.0, "seconds",
+            "the longest a change to the shared lists takes to apply (LISTEN/NOTIFY usually applies it at "
+            "once); each host checks the database this often"),
+    Setting("shared_lists_entry_limit", 100000, "count",
+            "most shared list entries plus settings a host loads; a database holding more is refused and "
+            "the last good copy stays in force"),
+    # Digests of held mail to its recipients (`quarantine notify`, notify.py; who gets them: the
+    # policy's [notify] table) and the review web page (`scanmilter web`, web/; docs/web.md).
+    Setting("notify_from", "", "text",
+            "From address of the digests; empty: postmaster@ this host's fully qualified name",
+            check=lambda v: None if v == "" or re.fullmatch(r"[^@\s<>\"]+@[A-Za-z0-9.-]+", v)
+            else "expected an address such as postmaster@example.org, or empty"),
+    Setting("notify_max_age", 7 * 86400, "seconds",
+            "held mail older than this is never put in a digest (the first run over an old quarantine)"),
+    Setting("notify_max_entries", 100, "count",
+            "most entries listed in one digest; the rest wait for the next digest"),
+    Setting("notify_template_directory", "", "path",
+            "templates found here (digest.txt, digest.html, digest_subject.txt) replace the shipped ones",
+            check=_absolute_or_empty),
+    Setting("web_base_url", "", "text",
+            "where recipients reach `scanmilter web` (https://quarantine.example.org), for the links in digests; "
+            "empty: digests carry no links",
+            check=lambda v: None if v == "" or re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", v)
+            else "expected an http(s) URL without query, or empty"),
+    Setting("web_key_file", "", "path",
+            "secret key file (at least 32 bytes, not readable by others) that signs the links in digests and "
+            "the web page's forms; the notify timer and the web page read the same file", check=_absolute_or_empty),
+    Setting("web_link_lifetime", 7 * 86400, "seconds",
+            "how long a link in a digest may be used (never past quarantine_max_age after the mail was held)"),
+    Setting("web_address", "127.0.0.1:8025", "address",
+            "HOST:PORT where `scanmilter web` listens (plain HTTP: put a reverse proxy with TLS in front)"),
+    Setting("web_threads", 4, "count", "requests the web page serves at once"),
+    Setting("web_trusted_proxy", "", "text",
+            "address of the reverse proxy whose X-Forwarded-For and X-Forwarded-Proto are believed (rate "
+            "limits then count the real client); empty: none"),
+    Setting("web_password_file", "", "path",
+            "postmasters' logins for the web page, one login:hash per line (`scanmilter web passwd`); "
+            "empty: no admin login", check=_absolute_or_empty),
+    Setting("web_cookie_secure", True, "switch",
+            "cookies only over HTTPS; false is allowed only with web_address on loopback (tests over plain http)"),
+    Setting("web_session_lifetime", 8 * 3600, "seconds", "how long a postmaster's login lasts"),
+    Setting("web_login_attempt_limit", 5, "count",
+            "failed logins per client address, and per login, within web_login_window; further tries are "
+            "refused (429) until the window has passed"),
+    Setting("web_login_window", 900, "seconds", "the window of web_login_attempt_limit"),
+    Setting("web_page_size", 50, "count", "entries per page of the postmasters' list"),
+    Setting("web_bulk_limit", 200, "count", "most entries one bulk action of the postmasters' list acts on"),
+    Setting("web_preview_limit", 256 * KiB, "bytes", "text of a message body shown at most (the rest is cut)"),
+    Setting("web_metrics_address", "127.0.0.1:9926", "address",
+            "HOST:PORT of the web page's own Prometheus /metrics (web actions, logins); empty: no endpoint"),
     Setting("metrics_address", "127.0.0.1:9925", "address",
             "HOST:PORT of the Prometheus /metrics endpoint; empty: no endpoint"),
     Setting("engine_check_interval", 15.0, "seconds",
@@ -173,6 +286,26 @@ DAEMON_SETTINGS = [
             "failures in a row after which an engine is skipped at once (circuit open) instead of waited for"),
     Setting("engine_retry_interval", 10.0, "seconds",
             "while the circuit is open, one message tries the engine again this often"),
+    Setting("clamd_database_age_limit", 3 * 86400.0, "seconds",
+            "clamd's signature database built longer ago than this is logged and announced (the "
+            "clamd.database_old webhook event) once; 0: never", zero_is_off=True),
+    # Webhooks (webhooks.py, docs/webhooks.md): the [[webhook]] tables name where events go;
+    # these say how they are sent, for every webhook alike.
+    Setting("webhook_queue_size", 1000, "count",
+            "events waiting to be sent (and as many waiting for a retry); when full, new events are dropped, "
+            "counted and logged: mail never waits for a webhook"),
+    Setting("webhook_retry_interval", 1.0, "seconds",
+            "wait before the first retry of a failed delivery; each further retry waits twice as long"),
+    Setting("webhook_deadline", 300.0, "seconds",
+            "a delivery not accepted this long after its event is given up (no retry starts past it)"),
+    Setting("webhook_flush_timeout", 5.0, "seconds",
+            "a command (quarantine release, delete, purge) or a stopping daemon waits at most this long for "
+            "its events to be sent, then drops the rest with a warning"),
+    Setting("webhook_field_limit", 1000, "count",
+            "characters of one text field of an event (subject, sender, virus name, ...); longer is cut"),
+    Setting("webhook_list_limit", 100, "count",
+            "items of one list field of an event (recipients, viruses); the rest are left out (recipient_count "
+            "says how many there were)"),
     Setting("scan_cache_seconds", 600.0, "seconds",
             "results of a message are reused for identical copies (same client, HELO and login, same headers "
             "but for scan_cache_ignored_headers, same body) this long; 0: off", zero_is_off=True),
@@ -283,6 +416,25 @@ DIRECTION_SETTINGS = [
             "reply text for a block-listed sender, client or recipient", check=_reply_text),
     Setting("quarantine_reply", "Message held for review by the postmaster", "text",
             "reply text when quarantine_action = reject", check=_reply_text),
+    # The attachment checks: what a [files] rule matches is in [files.rules], its action per rule in
+    # [DIRECTION.files]; these say what happens when the checks could not see everything.
+    Setting("malformed_action", "tag", "choice",
+            "broken MIME (a missing boundary, bad base64, nesting past mime_nesting_limit): tag (accept marked "
+            "malformed), tempfail (451 4.6.0), reject (554 5.6.0) or quarantine", choices=PROBLEM_ACTIONS),
+    Setting("limit_action", "tag", "choice",
+            "an attachment check stopped at a limit (archive_depth_limit, archive_expansion_limit, a bomb, "
+            "attachment_timeout...): tag (accept marked unchecked), tempfail, reject or quarantine",
+            choices=PROBLEM_ACTIONS),
+    Setting("unreadable_action", "tag", "choice",
+            "an archive or document its reader could not read: tag (accept marked unchecked), tempfail, reject "
+            "or quarantine", choices=PROBLEM_ACTIONS),
+    Setting("banned_reply", "Message rejected: banned attachment {file} ({rule})", "text",
+            "reply text when a [files] rule rejects ({file}: the file, {rule}: the rule's name)", check=_reply_text),
+    Setting("unchecked_reply", "Message not accepted: attachment {file} could not be checked ({problem})", "text",
+            "reply text when limit_action or unreadable_action refuses ({problem}: the limit or the reason)",
+            check=_reply_text),
+    Setting("malformed_reply", "Message not accepted: malformed MIME ({problem})", "text",
+            "reply text when malformed_action refuses ({problem}: what is broken)", check=_reply_text),
 ]
 
 # Outbound mail (internal networks, authenticated senders) differs from inbound by default:
@@ -296,6 +448,8 @@ OUTBOUND_DEFAULTS = {
     "virus_reply": "Your message was not sent: it contains a virus ({virus}); please contact your postmaster",
     "spam_reply": "Your message was not sent: it looks like spam (score {score}, limit {level}); "
                   "please contact your postmaster",
+    "banned_reply": "Your message was not sent: attachment {file} is not allowed ({rule}); please contact your "
+                    "postmaster",
 }
 
 DIRECTIONS_SETTINGS = [
@@ -327,6 +481,97 @@ LISTS_SETTINGS = [
 HEADER_REWRITE_ACTIONS = ("add", "remove", "replace")
 
 
+def _webhook_url(v: str) -> str | None:
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(v)
+        parts.port                          # raises ValueError for a port that is not a number
+    except ValueError as e:
+        return f"not a URL ({e})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "expected an http:// or https:// URL with a host"
+    if parts.username is not None or parts.password is not None:
+        return "no user or password in the URL: the receiver checks the signature (secret)"
+    if any(ord(c) <= 32 or ord(c) == 127 for c in v):
+        return "white space or control characters in the URL"
+    return None
+
+
+def _webhook_events(v: list) -> str | None:
+    from .events import EVENTS
+    for name in v:
+        if name not in EVENTS:
+            near = difflib.get_close_matches(name, EVENTS, n=1)
+            return f"unknown event {name!r}" + (f" (did you mean {near[0]}?)" if near else "") + \
+                f"; known: {', '.join(EVENTS)}"
+    return None
+
+
+# The keys of one [[webhook]] table of the daemon's configuration (docs/webhooks.md).
+WEBHOOK_SETTINGS = [
+    Setting("url", "", "text", "where events are POSTed: an http:// or https:// URL (required)", check=_webhook_url),
+    Setting("events", [], "list", "the event names sent there (docs/webhooks.md); empty: every event",
+            check=_webhook_events),
+    Setting("secret", "", "text", "the key of the HMAC-SHA256 signature (prefer secret_file); never printed",
+            secret=True),
+    Setting("secret_file", "", "path",
+            "file whose first line is the secret (not readable by others); wins over secret", check=_absolute_or_empty),
+    Setting("timeout", 5.0, "seconds", "how long one attempt waits to connect, and then for each read of the answer"),
+    Setting("name", "", "text", "the webhook's label in the metrics; empty: its position among the tables (0, 1, ...)",
+            check=lambda v: None if re.fullmatch(r"[A-Za-z0-9_.-]{0,32}", v)
+            else "expected up to 32 letters, digits, . _ -"),
+]
+
+
+def _locate_table(source: str, text: str | None, name: str, index: int, key: str | None = None) -> str:
+    """"FILE:LINE" of `key` in the index-th [[name]] table (or of its header)."""
+    if not text:
+        return f"{source}: [[{name}]] #{index + 1}"
+    seen, inside = -1, False
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            inside = re.fullmatch(rf"\[\[\s*{re.escape(name)}\s*\]\](\s*#.*)?", stripped) is not None
+            seen += inside
+            if inside and seen == index and key is None:
+                return f"{source}:{number}"
+            continue
+        if inside and seen == index and key and re.match(rf'\s*["\']?{re.escape(key)}["\']?\s*=', line):
+            return f"{source}:{number}"
+    return f"{source}: [[{name}]] #{index + 1}"
+
+
+def webhook_tables(tables: Any, source: str, text: str | None) -> tuple[dict, ...]:
+    """The checked [[webhook]] tables, each with every key (defaults filled in)."""
+    if tables is None:
+        return ()
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{locate(source, text, (), 'webhook')}: webhook must be tables written [[webhook]]")
+    out, names = [], set()
+    for i, table in enumerate(tables):
+        values = {s.name: s.default for s in WEBHOOK_SETTINGS} | \
+            validate(WEBHOOK_SETTINGS, table, lambda key: _locate_table(source, text, "webhook", i, key))
+        here = _locate_table(source, text, "webhook", i)
+        if not values["url"]:
+            raise ConfigError(f"{here}: [[webhook]] needs a url")
+        if not (values["secret"] or values["secret_file"]):
+            raise ConfigError(f"{here}: [[webhook]] needs secret_file (or secret): every request is signed")
+        label = values["name"] or str(i)
+        if label in names:
+            raise ConfigError(f"{here}: two webhooks are named {label!r}")
+        names.add(label)
+        out.append(values)
+    return tuple(out)
+
+
+def redact_url(url: str) -> str:
+    """A webhook URL as shown: its path and query may be the credential (a chat's incoming webhook)."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    hidden = "/****" if parts.path.strip("/") or parts.query else parts.path
+    return f"{parts.scheme}://{parts.netloc}{hidden}"
+
+
 def _same(s: Setting, value: Any) -> bool:
     """Whether a value means the setting's default: a mode is a number however it is written."""
     if s.unit == "mode":
@@ -336,6 +581,8 @@ def _same(s: Setting, value: Any) -> bool:
 
 class Values:
     """Effective settings: attribute access, plus which were changed from the defaults."""
+
+    webhooks: tuple = ()        # the [[webhook]] tables (webhook_tables), set by load()
 
     def __init__(self, settings: list[Setting], values: dict[str, Any], source: str):
         self._settings = {s.name: s for s in settings}
@@ -442,7 +689,17 @@ def read_toml(path: str) -> dict[str, Any]:
 def load(path: str | None) -> Values:
     """The daemon settings from `path` (None: all defaults)."""
     data = read_toml(path) if path else {}
+    tables = data.pop("webhook", None)          # [[webhook]]: the only tables of this file
     cfg = parse(DAEMON_SETTINGS, data, path or "defaults", read_text(path) if path else None)
+    cfg.webhooks = webhook_tables(tables, cfg.source, read_text(path) if path else None)
+    if cfg.quarantine_backend == "postgresql" and not (cfg.database_dsn or cfg.database_dsn_file):
+        raise ConfigError(f"{cfg.source}: quarantine_backend = \"postgresql\" needs a database: set "
+                          "database_dsn_file (or database_dsn)")
+    if cfg.quarantine_backend == "postgresql" and cfg.quarantine_fallback == "local" and not cfg.quarantine_directory:
+        raise ConfigError(f"{cfg.source}: quarantine_fallback = \"local\" needs quarantine_directory (where held "
+                          "mail waits while PostgreSQL is down)")
+    if cfg.shared_lists and not (cfg.database_dsn or cfg.database_dsn_file):
+        raise ConfigError(f"{cfg.source}: shared_lists needs a database: set database_dsn_file (or database_dsn)")
     if cfg.spool_memory_limit > cfg.message_size_limit:
         raise ConfigError(f"{cfg.source}: spool_memory_limit ({cfg.spool_memory_limit}) is larger than "
                           f"message_size_limit ({cfg.message_size_limit})")
@@ -506,6 +763,15 @@ def render(values: Values, only_changed: bool = False, defaults: bool = False) -
         if not defaults and s.name in values.changed:
             note = f"# changed, default {toml_value(s.default)}"
         out.append(f"{s.name} = {toml_value(v)}  {note}")
+    for table in () if defaults else values.webhooks:
+        out.append("[[webhook]]")
+        for s in WEBHOOK_SETTINGS:
+            v = table[s.name]
+            if s.name == "url":
+                v = redact_url(v)
+            elif s.secret and v:
+                v = "****"
+            out.append(f"{s.name} = {toml_value(v)}")
     return "\n".join(out)
 
 

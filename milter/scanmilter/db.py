@@ -15,6 +15,7 @@ psycopg (3) is imported only when a database is used: a site without one needs n
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import socket
 from dataclasses import dataclass
@@ -138,6 +139,30 @@ def check_schema(conn, directory: Path = SCHEMA_DIR) -> int:
 
 
 # ------------------------------------------------------------------ connections
+def connect(dsn: str, connect_timeout: float = 5.0):
+    """One connection of its own, outside any pool, in autocommit: for `migrate`, whose steps are
+    transactions of their own. DatabaseError, without the password, when it cannot be made."""
+    psycopg, _ = _psycopg()
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(round(connect_timeout))))
+    except psycopg.Error as e:
+        raise DatabaseError(_described(dsn, e)) from None
+
+
+def apply_migrations(conn) -> tuple[list[Migration], int]:
+    """migrate(conn) and the version it leaves; psycopg's errors as DatabaseError without the password."""
+    psycopg, _ = _psycopg()
+    try:
+        return migrate(conn), schema_version(conn)
+    except psycopg.Error as e:
+        raise DatabaseError(_described(conn.info.dsn, e)) from None
+
+
+def _described(dsn: str, error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"database {redact_dsn(dsn)}: {redact_dsn(text)}"
+
+
 def _psycopg():
     try:
         import psycopg
@@ -156,6 +181,9 @@ class Database:
     def __init__(self, dsn: str, pool_size: int = 4, connect_timeout: float = 5.0,
                  statement_timeout: float = 10.0, name: str = "scanmilter"):
         psycopg, psycopg_pool = _psycopg()
+        # the pool warns of every failed attempt to connect, raw on stderr, again and again while the
+        # server is down; the pool's users log each change of state once, in scanmilter's own format
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         self._errors = (psycopg.Error, psycopg_pool.PoolTimeout)
         self.redacted = redact_dsn(dsn)
         self.connect_timeout = connect_timeout

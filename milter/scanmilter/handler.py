@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import threading
 import time
 
 import Milter
 
+from . import events
 from . import headers as H
 from . import nodelay
 from . import policy as P
@@ -29,7 +31,7 @@ from .logs import escape, log, summary
 from .message import Connection, Message, Spool
 from .scanners import Origin, Submission
 from .metrics import Metrics
-from .quarantine import held_meta
+from .quarantine import StoreError, held_meta
 from .verdict import Verdict
 
 INTERNAL_ERROR_REPLY = ("451", "4.7.1", "Internal error in the content filter, please try again later")
@@ -60,6 +62,7 @@ class Runtime:
         self.in_flight = 0
         self.tcp = nodelay.is_tcp(cfg.milter_socket)     # milter_socket changes only with a restart
         self.clamd_db_version: int | None = None          # as last read by the monitor
+        self.database_age = events.DatabaseAge()          # clamd_database_age_limit, told once per crossing
 
     def begin(self) -> None:
         with self._lock:
@@ -91,6 +94,10 @@ def guarded(func):
             self._end_message()
             return Milter.TEMPFAIL
     return wrapper
+
+
+def _discarded(outcome: P.Outcome) -> list[str]:
+    return [d.recipient for d in outcome.recipients if d.action == P.DISCARD]
 
 
 @Milter.header_leading_space
@@ -203,13 +210,17 @@ class Handler(Milter.Base):
         outcome, verdict = inspection.outcome, inspection.verdict
         action, reply = outcome.action, outcome.reply
         held = ""
+        store = self.rt.store
+        in_queue = getattr(store, "in_postfix_queue", False)     # quarantine_backend = "hold"
         if outcome.quarantine:
-            held = self._hold(msg, outcome, verdict, inspection.verdicts)
+            held = self._hold(msg, outcome, verdict, inspection.verdicts, store)
             if not held:        # the copy is not safe on disk: the sender retries, nothing is lost
                 action, reply = P.TEMPFAIL, STORE_FAILED_REPLY
+            elif in_queue:
+                action, reply = self._hold_in_queue(msg, outcome, verdict, reply)
             elif action == P.QUARANTINE:
                 action = P.REJECT if reply else P.DISCARD     # quarantine_action: reject or discard
-        if action == P.ACCEPT:
+        if action == P.ACCEPT and not (held and in_queue):
             for address in outcome.remove:
                 self.delrcpt(msg.raw_recipients.get(address, f"<{address}>"))
             self._apply(H.edits(verdict, outcome, msg.seen, msg.policy))
@@ -218,10 +229,14 @@ class Handler(Milter.Base):
             self.setreply(code, xcode, text.replace("%", "%%"))
         for engine, detail in verdict.failed:
             log.warning("%s: %s scan failed: %s", qid or "NOQUEUE", engine, escape(detail))
-        logged = P.QUARANTINE if held and outcome.action == P.QUARANTINE else action
+        logged = P.QUARANTINE if held and (outcome.action == P.QUARANTINE or in_queue) else action
         self._count(msg, outcome, verdict, logged, held, time.monotonic() - eom_started)
         log.info("%s", summary(qid, logged, outcome, verdict, msg.sender, len(msg.recipients), msg.size,
                                (time.monotonic() - msg.started) * 1000, conn.client_address, held))
+        if verdict.viruses and not self.selftest:       # queued for the webhooks, never waited for
+            events.virus_found(qid, verdict.viruses, logged, held, outcome.direction, msg.sender, msg.recipients,
+                               next((h.text() for h in msg.seen if h.name.lower() == "subject"), ""),
+                               conn.client_address)
         if self.selftest:
             self._selftest_report(verdict, outcome, action, held)
         self._end_message()
@@ -241,21 +256,34 @@ class Handler(Milter.Base):
         m.message_size.observe(msg.size)
         m.decision_seconds.observe(seconds)
 
-    def _hold(self, msg: Message, outcome: P.Outcome, verdict, verdicts=None) -> str:
-        """Write the message to the quarantine before answering Postfix; the entry id, or ""."""
+    def _hold(self, msg: Message, outcome: P.Outcome, verdict, verdicts=None, store=None) -> str:
+        """Write the message to the quarantine before answering Postfix; the entry id, or "".
+        On Postfix's hold queue (quarantine_backend = "hold"): record the verdict by queue id."""
         qid = msg.queue_id or "NOQUEUE"
-        store = self.rt.store
-        if store is None or msg.spool.oversize:
+        in_queue = getattr(store, "in_postfix_queue", False)
+        if store is None or msg.spool.oversize and not in_queue:
             # Never hold part of a message, and never pretend to hold without a store.
             log.error("%s: cannot quarantine %s: tempfail", qid,
                       "an oversize message" if store else "without quarantine_directory")
             return ""
+        if in_queue and not self._actions & Milter.QUARANTINE:
+            log.error("%s: cannot put the message on hold: the MTA did not grant the milter quarantine action: "
+                      "tempfail", qid)
+            return ""
         if self.selftest:
+            if in_queue:            # the index must take a write, as it would for real mail
+                try:
+                    store.probe()
+                except Exception as e:
+                    log.error("%s: self test: the hold index cannot be written: %s: tempfail", qid, escape(str(e)))
+                    return ""
             return self._selftest_not_stored(qid, outcome)
         lead = next(d for d in outcome.recipients if d.recipient in outcome.quarantine)
         verdict = (verdicts or {}).get(lead.recipient, verdict)     # per-user spamd: the held recipient's score
         subject = next((h.text() for h in msg.seen if h.name.lower() == "subject"), "")
-        meta = held_meta(queue_id=msg.queue_id, sender=msg.sender, recipients=list(outcome.quarantine),
+        # Postfix holds the whole message: every recipient not discarded stays on it (docs/hold-queue.md)
+        recipients = [r for r in msg.recipients if r not in _discarded(outcome)] if in_queue else outcome.quarantine
+        meta = held_meta(queue_id=msg.queue_id, sender=msg.sender, recipients=list(recipients),
                          subject=subject, all_recipients=list(msg.recipients),
                          client_address=self.conn.client_address, client_name=self.conn.client_name,
                          auth_user=msg.auth_user, direction=outcome.direction, reason=lead.reason,
@@ -266,17 +294,46 @@ class Handler(Milter.Base):
             with msg.spool.reader() as reader:
                 entry = store.put(reader, meta, index_failed=index_errors.append)
         except Exception as e:     # StoreError, or anything else: never answer before the copy is safe
-            # with the traceback: a failure that is not the store's own (a bug) must show where it is
-            log.error("%s: quarantine store failed: %s: tempfail", qid, escape(str(e)), exc_info=True)
+            # the store's own failures (a database down) are one line each; anything else is a bug,
+            # whose traceback must show where it is
+            log.error("%s: quarantine store failed: %s: tempfail", qid, escape(str(e)),
+                      exc_info=not isinstance(e, StoreError))
             self.rt.metrics.quarantine_failures.inc()
             return ""
         self.rt.metrics.quarantine_stored.labels(lead.reason).inc()
-        log.info("%s: quarantined as %s for %s", qid, entry, ", ".join(f"<{escape(r)}>" for r in outcome.quarantine))
+        events.quarantined(meta, entry, self.rt.cfg.quarantine_backend, msg.size)     # queued, never waited for
+        log.info("%s: quarantined as %s for %s", qid, f"{entry} on Postfix's hold queue" if in_queue else entry,
+                 ", ".join(f"<{escape(r)}>" for r in recipients))
         if index_errors:       # held safely, but not listed until the index is rebuilt
             self.rt.metrics.quarantine_index_failures.inc()
             log.warning("%s: quarantine index not updated for %s: %s; it is rebuilt at the next check", qid, entry,
                         escape(str(index_errors[0])))
         return entry
+
+    def _hold_in_queue(self, msg: Message, outcome: P.Outcome, verdict, reply) -> tuple[str, None]:
+        """Put the message on Postfix's hold queue (SMFIR_QUARANTINE) and accept it. Postfix holds
+        a whole message: discarding recipients are removed, every other recipient stays on it
+        and gets it when it is released. A release cannot edit the message any more, so the
+        verdict headers it arrived with go now (as release.py strips them from a file store's
+        copy), and an accepting recipient's header edits (mixed recipients) apply as they would
+        have. quarantine_action = reject cannot apply: a rejected message is not queued."""
+        for recipient in _discarded(outcome):
+            self.delrcpt(msg.raw_recipients.get(recipient, f"<{recipient}>"))
+        edits = H.edits(verdict, outcome, msg.seen, msg.policy) if outcome.headers_from else []
+        gone = {(e.name.lower(), e.index) for e in edits if e.kind == "remove"}
+        gone |= {(h.name.lower(), h.index) for h in msg.seen if h.name.lower().startswith(P.VERDICT_HEADER_PREFIXES)}
+        removals = sorted(gone, key=lambda k: (k[0], -k[1]))       # highest index first: the others keep theirs
+        names = {h.name.lower(): h.name for h in msg.seen}
+        self._apply([e for e in edits if e.kind == "change" and (e.name.lower(), e.index) not in gone]
+                    + [H.Edit("remove", names.get(n, n), i) for n, i in removals]
+                    + [e for e in edits if e.kind == "add"])
+        lead = next(d for d in outcome.recipients if d.recipient in outcome.quarantine)
+        # Postfix logs "milter triggers HOLD action" and drops the text; it goes in for other MTAs
+        self.quarantine(re.sub(r"[^\x20-\x7e]", "?", f"scanmilter: {lead.reason}: {lead.rule}")[:200])
+        if reply:
+            log.warning("%s: quarantine_action = reject cannot apply on Postfix's hold queue: held and accepted",
+                        msg.queue_id or "NOQUEUE")
+        return P.ACCEPT, None
 
     def _refuse_over_header_limit(self, msg: Message) -> int:
         """Refuse a message past header_count_limit or verdict_header_limit, unscanned and with no

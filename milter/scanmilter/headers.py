@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from email.header import Header
 
 from .message import Seen
-from .policy import VERDICT_HEADER_PREFIXES, Outcome, Policy
+from .policy import TAG, VERDICT_HEADER_PREFIXES, Outcome, Policy
+from .scanners import DECIDED
 from .verdict import Verdict
 
 FOLD_WIDTH = 78     # RFC 5322's recommended line length
@@ -148,7 +149,7 @@ def _fold_pieces(name: str, pieces: list[str], width: int = FOLD_WIDTH) -> str:
 
 
 def scan_headers(verdict: Verdict, outcome: Outcome) -> list[tuple[str, str]]:
-    """X-Virus-Status / X-Spam-Flag / X-Spam-Status for the engines that took part."""
+    """X-Virus-Status / X-Attachment-Status / X-Spam-Flag / X-Spam-Status for the engines that took part."""
     lead = outcome.headers_from
     headers = []
     virus = verdict.engine_state("clamd")
@@ -160,6 +161,9 @@ def scan_headers(verdict: Verdict, outcome: Outcome) -> list[tuple[str, str]]:
         else:
             value = f"unscanned ({_why(verdict, 'clamd')})"
         headers.append(("X-Virus-Status", value))
+    files = attachment_status(verdict, lead)
+    if files:
+        headers.append(("X-Attachment-Status", files))
     spam = verdict.engine_state(verdict.spam_engine)
     if spam == "scanned" and verdict.score is not None:
         if lead.spam_flag:
@@ -173,6 +177,31 @@ def scan_headers(verdict: Verdict, outcome: Outcome) -> list[tuple[str, str]]:
     elif spam != "absent":
         headers.append(("X-Spam-Status", f"unscanned ({_why(verdict, verdict.spam_engine)})"))
     return headers
+
+
+FILE_MARKS_SHOWN = 5     # attachment findings named in X-Attachment-Status; the rest are counted
+
+
+def attachment_status(verdict: Verdict, lead) -> str:
+    """X-Attachment-Status: what the attachment checks found that the policy tags ("encrypted:
+    invoice.zip; unchecked: archive_expansion_limit in bomb.zip"), or why they did not run
+    ("unchecked (timeout)"); "" when there is nothing to say (nothing found, or nothing asked).
+    File names are the sender's: printable ASCII only (policy.file_label)."""
+    state = verdict.engine_state("files")
+    if state in ("failed", "skipped"):
+        why = _why(verdict, "files")
+        return "" if why == DECIDED else f"unchecked ({why})"
+    marks, named = [], set()
+    for h in lead.files:
+        kind, name, label = h.kind, h.name, h.label
+        if h.action != TAG or (kind, name) in named:       # each rule and problem once, with its first file
+            continue
+        named.add((kind, name))
+        marks.append(f"{name}: {label}" if kind == "rule" else f"{'malformed' if kind == 'malformed' else 'unchecked'}"
+                     f": {name}" + ("" if label == "the message" else f" in {label}"))
+    if len(marks) > FILE_MARKS_SHOWN:
+        marks = marks[:FILE_MARKS_SHOWN] + [f"{len(marks) - FILE_MARKS_SHOWN} more"]
+    return "; ".join(marks)
 
 
 def _why(verdict: Verdict, engine: str) -> str:

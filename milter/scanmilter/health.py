@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 
+from . import events
 from .logs import escape, log
 from .scanners import CIRCUIT, ERROR, SKIPPED, ScanResult
 
@@ -67,6 +68,7 @@ class Health:
                 m.engine_last_success.labels(engine).set_to_current_time()
             m.breaker_open.labels(engine).set(int(is_open))
         self._log(engine, ok, detail, was, closed, opened)
+        self._announce(engine, None, ok, detail, was)
 
     def member_mark(self, engine: str, member: str, ok: bool, detail: str = "") -> None:
         was, closed, opened, is_open = self._mark((engine, member), ok)
@@ -75,6 +77,7 @@ class Health:
             m.member_up.labels(engine, member).set(1 if ok else 0)
             m.member_circuit_open.labels(engine, member).set(int(is_open))
         self._log(f"{engine} member {member}", ok, detail, was, closed, opened)
+        self._announce(engine, member, ok, detail, was)
 
     def _mark(self, key, ok: bool) -> tuple[bool | None, bool, bool, bool]:
         """(up before, circuit closed now, circuit opened now, circuit open)"""
@@ -100,6 +103,13 @@ class Health:
         if not ok and opened:
             log.warning("%s failed %d times in a row: skipping it for %.0fs (circuit open)", what,
                         self.failure_threshold, self.retry_interval)
+
+    @staticmethod
+    def _announce(engine: str, member: str | None, ok: bool, detail: str, was) -> None:
+        """The engine.down and engine.up webhook events: on a change of state only (down is also
+        announced when the very first word about an engine is that it is down)."""
+        if ok and was is False or not ok and was is not False:
+            events.engine_changed(engine, member, ok, detail)
 
 
 def breaker_result(engine: str) -> ScanResult:

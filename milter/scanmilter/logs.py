@@ -31,6 +31,24 @@ def escape(text: str, limit: int = 256) -> str:
     return _UNPRINTABLE.sub(_hex, text[:limit])
 
 
+# In a summary field a file name must not look like the field's end or the next field.
+_FIELD_BREAKS = re.compile("[ ,>]")
+
+
+def file_name(f) -> str:
+    """An attachment (attachments.FileFacts) as one summary field value: its name after the
+    archives it lies in, "outer.7z>inner.zip>payload.exe" ("part-N" when it has none), each name
+    escaped (escape) with spaces, commas and ">" as \\xNN, bounded."""
+    names = [*f.container, f.names[0].sent if f.names else f"part-{f.part}"]
+    return ">".join(_FIELD_BREAKS.sub(_hex, "".join(_visible(c) for c in escape(n, 100))) for n in names)[-400:]
+
+
+def _visible(ch: str) -> str:
+    """An invisible character of a name (zero-width, format, unassigned, separators) as \\uNNNN:
+    "a\u200b.exe" must not read as "a.exe"."""
+    return ch if ch.isprintable() else f"\\u{ord(ch):04x}" if ord(ch) <= 0xffff else f"\\U{ord(ch):08x}"
+
+
 _SEVERITY = {logging.CRITICAL: "fatal"}
 
 
@@ -87,6 +105,16 @@ def summary(queue_id: str, action: str, outcome, verdict, sender: str, recipient
     parts = [f"{queue_id or 'NOQUEUE'}: action={action}", f"reason={outcome.reason}",
              f"direction={outcome.direction}", f"virus={','.join(verdict.viruses) or '-'}",
              f"score={fmt_score(verdict.score)}", f"from=<{escape(sender)}>", f"rcpts={recipients}"]
+    # the attachment rule that decided (or, when something else did, the first that matched)
+    lead = next((d for d in outcome.recipients if d.reason == outcome.reason and d.files), None) or \
+        next((d for d in outcome.recipients if getattr(d, "files", ())), None)
+    hit = next((h for h in lead.files if h.kind == "rule"), None) if lead else None
+    if hit is not None:
+        parts += [f"banned={file_name(hit.file)}", f"banned_rule={hit.name}"]
+    report = getattr(verdict, "files", None)
+    if report is not None and report.all_problems():
+        seen = [f"limit:{p.detail}" if p.kind == "limit" else p.kind for p in report.all_problems()]
+        parts.append(f"file_problems={','.join(dict.fromkeys(seen))}")
     if outcome.remove:
         parts.append(f"removed={len(outcome.remove)}")
     if quarantine_id:

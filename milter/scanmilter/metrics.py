@@ -115,6 +115,51 @@ class Metrics:
         self.member_failovers = Counter("scanmilter_member_failovers_total",
                                         "Scans moved on to another pool member after one failed", ["engine"],
                                         registry=r)
+        # shared lists (sharedlists.py): the age is computed when scraped, so it rises while the
+        # database is unreachable even though nothing else happens
+        self.shared_lists_age = Gauge("scanmilter_shared_lists_age_seconds",
+                                      "Seconds since the shared lists in force were last found current in the "
+                                      "database; +Inf before the first read; 0 with shared_lists off", registry=r)
+        self.shared_lists_refresh_failures = Counter("scanmilter_shared_lists_refresh_failures_total",
+                                                     "Refreshes of the shared lists that failed or were refused "
+                                                     "(the last good copy stayed in force)", registry=r)
+        # quarantine_backend = "postgresql": the shared database and this host's local fallback store
+        self.quarantine_backend_up = Gauge("scanmilter_quarantine_backend_up",
+                                           "1 when the quarantine database answered the latest check with the "
+                                           "schema this scanmilter needs", ["backend"], registry=r)
+        self.quarantine_backend_seconds = Histogram("scanmilter_quarantine_backend_duration_seconds",
+                                                    "Time the quarantine database took, by operation (probe: the "
+                                                    "periodic check; put: holding a message)", ["operation"],
+                                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.quarantine_fallback_entries = Gauge("scanmilter_quarantine_fallback_entries",
+                                                 "Held messages in this host's local fallback store, waiting to "
+                                                 "be moved into the database", registry=r)
+        self.quarantine_fallback_stored = Counter("scanmilter_quarantine_fallback_stored_total",
+                                                  "Held messages kept in the local fallback store because the "
+                                                  "database did not take them", registry=r)
+        self.quarantine_fallback_moved = Counter("scanmilter_quarantine_fallback_moved_total",
+                                                 "Entries this daemon moved from the local fallback store into "
+                                                 "the database", registry=r)
+        # webhooks (webhooks.py): `webhook` is a [[webhook]] table's name, or its position (0, 1, ...)
+        self.webhook_sent = Counter("scanmilter_webhook_sent_total", "Events a webhook's receiver accepted (2xx)",
+                                    ["webhook"], registry=r)
+        self.webhook_failed = Counter("scanmilter_webhook_failed_total",
+                                      "Events given up for a webhook: refused, or not accepted by webhook_deadline",
+                                      ["webhook"], registry=r)
+        self.webhook_retries = Counter("scanmilter_webhook_retries_total",
+                                       "Deliveries to a webhook put back for a retry after a failed attempt",
+                                       ["webhook"], registry=r)
+        self.webhook_dropped = Counter("scanmilter_webhook_dropped_total",
+                                       "Events never sent: the queue was full (queue_full), or still waiting when "
+                                       "the process stopped (exit)", ["reason"], registry=r)
+        # the attachment checks: `rule` is a [files] rule's name from the policy file (a closed set
+        # per configuration), `kind` one of malformed, limit, encrypted, unreadable
+        self.file_rule_hits = Counter("scanmilter_file_rule_hits_total",
+                                      "Messages in which a [files] rule matched an attachment, by rule and the "
+                                      "action it had", ["rule", "action"], registry=r)
+        self.attachment_problems = Counter("scanmilter_attachment_problems_total",
+                                           "Messages whose attachment checks met a problem, by kind", ["kind"],
+                                           registry=r)
         Info("scanmilter_build", "scanmilter build information", registry=r).info(
             {"version": __version__, "python": platform.python_version()})
 

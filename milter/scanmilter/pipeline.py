@@ -1,8 +1,10 @@
 """inspect(message): scanners in parallel -> verdict -> decision. Read this module first.
 
 clamd and spamd scan the same spool at the same time (each through its own reader), so a
-message costs about the time of the slower engine, not the sum. The calling thread runs
-one engine itself and the shared pool runs the others: no thread is created per message.
+message costs about the time of the slower engine, not the sum. The attachment checks
+(scanners/files.py) are one more engine: they walk the spool in the pool beside them, from the
+start. The calling thread runs one engine itself and the shared pool runs the others: no thread
+is created per message.
 
 Two ways of not scanning at all: a repeat of a recently scanned message takes the earlier
 results from the cache (scancache.py), and clamd gets a head start of clamd_head_start
@@ -14,7 +16,10 @@ the engines and their results to the policy. Results are trusted only as far as 
 own parsing goes (scanners/): an engine that fails, is skipped or misses its deadline yields an
 error or skip result, which the policy never reads as clean. An oversize spool is never scanned
 in part. A cached result is reused only for a message whose every header (but the named ones),
-body and origin are identical (scancache.py).
+body and origin are identical (scancache.py). That covers the attachment facts too: the walk
+reads only Content-* values (never ignored by the key), header names and order, and the body;
+the cache keeps facts, never decisions, so the policy in force judges them each time, and a
+reload (new limits or rules) starts with an empty cache.
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ from .verdict import Verdict, combine
 # (the engine's socket timeouts end the thread itself shortly after).
 DEADLINE_GRACE = 1.0
 HEAD_START_ENGINE = "clamd"     # the quick engine whose verdict can make the others needless
+# Checks that cost no server's time (the attachment walk, in this process): they start at once,
+# with the head-start engine, instead of waiting out its head start.
+EARLY_ENGINES = ("files",)
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,7 @@ class Pipeline:
         if self.health is not None and self.health.is_open(engine.name):
             return _as(breaker_result(engine.name), user)   # a dead engine costs nothing while its circuit is open
         result = _as(engine.scan(spool), user)
-        if key is not None:
+        if key is not None and not _timed_out(result):
             self.cache.put(engine.name, key, result)
         return result
 
@@ -142,6 +150,8 @@ class Pipeline:
         running: list[tuple[Job, concurrent.futures.Future]] = []
         lead = next((j for j in jobs if j[0].name == HEAD_START_ENGINE), None)
         if lead is not None and len(jobs) > 1 and final is not None and self.head_start > 0:
+            running += [(j, self.pool.submit(self._scan_one, j, spool, key)) for j in jobs
+                        if j[0].name in EARLY_ENGINES]
             future = self.pool.submit(self._scan_one, lead, spool, key)
             try:
                 done[lead] = future.result(timeout=self.head_start)
@@ -149,8 +159,9 @@ class Pipeline:
                 running.append((lead, future))      # slow today: the others start now, in parallel
             else:
                 if done[lead].outcome == FOUND and final([done[lead]]):
-                    for e, u in jobs:
-                        done.setdefault((e, u), ScanResult(e.name, SKIPPED, DECIDED, user=u))
+                    for job in jobs:
+                        if all(job is not r for r, _ in running):      # those started finish
+                            done.setdefault(job, ScanResult(job[0].name, SKIPPED, DECIDED, user=job[1]))
         todo = [j for j in jobs if j not in done and all(j is not r for r, _ in running)]
         if todo:
             running += [(j, self.pool.submit(self._scan_one, j, spool, key)) for j in todo[1:]]
@@ -172,7 +183,7 @@ class Pipeline:
     def inspect(self, spool, envelope: P.Envelope, policy: P.Policy,
                 key: bytes | None = None) -> Inspection:
         start = time.monotonic()
-        needed = P.engines_needed(envelope, policy, self.spam_engine)
+        needed = P.checks_needed(envelope, policy, self.spam_engine)
 
         def final(partial: list[ScanResult]) -> bool:
             rest = [ScanResult(e.name, SKIPPED, DECIDED) for e in self.engines
@@ -189,16 +200,36 @@ class Pipeline:
         if not distinct:
             verdict = combine(results, oversize=spool.oversize)
             outcome = P.decide(verdict, envelope, policy)
+            self._count_files(verdict, outcome)
             return Inspection(tuple(results), verdict, outcome, time.monotonic() - start)
         by_user = {u: combine([r for r in results if r.engine != "spamd" or r.user == u], oversize=spool.oversize)
                    for u in distinct}
         verdicts = {r: by_user[u] for r, u in users.items()}
         default = by_user[distinct[0]]      # recipients not scored (allow-listed) read no score anyway
         outcome = P.decide(default, envelope, policy, verdicts)
+        self._count_files(default, outcome)
         lead = outcome.headers_from or next((d for d in outcome.recipients if d.recipient in outcome.quarantine),
                                             None) or next(d for d in outcome.recipients if d.action == outcome.action)
         return Inspection(tuple(results), verdicts.get(lead.recipient, default), outcome,
                           time.monotonic() - start, verdicts)
+
+
+    def _count_files(self, verdict: Verdict, outcome: P.Outcome) -> None:
+        """Per message: each [files] rule that matched with its action (the rule names are the
+        policy's, a closed set per configuration), each kind of problem the checks met."""
+        if self.metrics is None or verdict.files is None:
+            return
+        for rule, action in dict.fromkeys((h.name, h.action) for d in outcome.recipients for h in d.files
+                                          if h.kind == "rule"):
+            self.metrics.file_rule_hits.labels(rule, action).inc()
+        for kind in sorted(verdict.files.kinds()):
+            self.metrics.attachment_problems.labels(kind).inc()
+
+
+def _timed_out(result: ScanResult) -> bool:
+    """Attachment facts cut short by attachment_timeout: they say how busy this host was, not what
+    the message is, so a copy of the message is checked again rather than given them."""
+    return result.report is not None and "attachment_timeout" in result.report.limits
 
 
 def _as(result: ScanResult, user: str | None) -> ScanResult:

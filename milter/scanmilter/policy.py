@@ -4,10 +4,14 @@ For each recipient (first match wins; the README in policies/ has a worked examp
   1. block lists (client, sender, recipient)          -> reject, block_reply
   2. a virus found (not for allow-listed mail when allow_skips_virus_scan)
                                                       -> its [virus_classes] action, else virus_action
+  2b. a [files] rule matches an attachment (same exemption as the virus scan)
+                                                      -> the rule's action in [DIRECTION.files]
   3. spam checks, unless the client, sender or recipient is allow-listed:
      score >= reject_level                            -> reject, spam_reply
      score >= quarantine_level                        -> quarantine
   4. a scanner that mattered failed                   -> scan_failure_action (tempfail 451 4.7.1)
+  4b. the attachment checks met a problem: malformed MIME, a limit, an unreadable archive
+                                                      -> malformed_action, limit_action, unreadable_action
   5. the message is oversize (over message_size_limit, or not scanned whole by an engine for
      its size or its limits)                          -> oversize_action
   6. otherwise accept; subject_tag_level and tag_level decide the Subject tag and X-Spam-Flag.
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .scanners import SPAM_ENGINES
-from .verdict import Verdict
+from .verdict import Verdict, safe_file_name, safe_name
 
 ACCEPT, REJECT, TEMPFAIL, DISCARD, QUARANTINE = "accept", "reject", "tempfail", "discard", "quarantine"
 TAG = "tag"       # virus action: accept, marked X-Virus-Status: infected
@@ -33,10 +37,27 @@ INBOUND, OUTBOUND = "inbound", "outbound"
 REPLY_REJECT = ("550", "5.7.1")
 REPLY_TEMPFAIL = ("451", "4.7.1")
 REPLY_TOO_BIG = ("552", "5.3.4")
+REPLY_BANNED = ("554", "5.7.1")
+# malformed MIME is a media error (RFC 3463 X.6.0); a check that could not finish is policy (X.7.1)
+REPLY_MALFORMED = {REJECT: ("554", "5.6.0"), TEMPFAIL: ("451", "4.6.0")}
+REPLY_UNCHECKED = {REJECT: ("554", "5.7.1"), TEMPFAIL: ("451", "4.7.1")}
+
+# The attachment checks' reasons: a [files] rule matched (banned), a check stopped at a limit or
+# could not read an archive (unchecked), the MIME structure is broken (malformed).
+BANNED, UNCHECKED, MALFORMED = "banned", "unchecked", "malformed"
+# What a [files] rule may do (accept: nothing, the rule is off for that scope), and what
+# malformed_action, limit_action and unreadable_action may do.
+FILE_ACTIONS = (REJECT, QUARANTINE, DISCARD, TAG, ACCEPT)
+PROBLEM_ACTIONS = (TAG, TEMPFAIL, REJECT, QUARANTINE)
+# A scope's action for rule R is its value "files.R" ([DIRECTION.files] R = "...").
+FILE_PREFIX = "files."
+# The problem kinds of the attachment facts (attachments/facts.py) that have an action of their
+# own, and the setting that holds it; "encrypted" is a rule's business (encrypted = true).
+PROBLEM_SETTINGS = (("malformed", "malformed_action"), ("limit", "limit_action"), ("unreadable", "unreadable_action"))
 
 # Header names we own (lower case): copies arriving with inbound mail are removed before ours are
 # added, a held copy's are removed before release, and a policy's header_rewrite may only remove them.
-VERDICT_HEADER_PREFIXES = ("x-spam-", "x-virus-", "x-quarantine-")
+VERDICT_HEADER_PREFIXES = ("x-spam-", "x-virus-", "x-quarantine-", "x-attachment-")
 
 # What virus_action and [virus_classes] may say, in the order the documentation lists them.
 VIRUS_ACTIONS = (REJECT, QUARANTINE, DISCARD, TAG, TEMPFAIL)
@@ -55,6 +76,85 @@ class HeaderRewrite:
 
 
 @dataclass(frozen=True)
+class FileRule:
+    """One [files.rules.NAME] table: what it matches (any one criterion suffices). Names are
+    matched in their normal form (attachments/names.py: case folded, bidi and invisible
+    characters removed, trailing dots and spaces stripped) and in their skeleton (look-alike
+    letters as ASCII), every name a file carries (filename= and name=, an archive member's path)."""
+    name: str
+    description: str = ""
+    names: tuple[str, ...] = ()              # shell patterns on the base name ("*.pdf.exe"); with "/": the path
+    extensions: frozenset = frozenset()      # the last extension, without the dot
+    declared_types: tuple[str, ...] = ()     # shell patterns on the Content-Type as sent
+    detected_types: tuple[str, ...] = ()     # shell patterns on the real type (libmagic)
+    macros: bool = False                     # Office documents with VBA macros
+    encrypted: bool = False                  # encrypted archives, members and documents
+    name_tricks: frozenset = frozenset()     # what the normal form undid (names.py: "bidi controls", ...)
+    where: str = ""                          # file:line, for explain
+
+    def match(self, f) -> str:
+        """Why this rule matches `f` (attachments.FileFacts), or "" when it does not."""
+        for n in f.names:
+            for form in dict.fromkeys((n.basename, n.skeleton)):
+                ext = _last_extension(form)
+                if ext and ext in self.extensions:
+                    return f"extension .{safe_file_name(ext, 20)}"
+                for pattern in self.names:
+                    if fnmatch.fnmatchcase(n.normal if "/" in pattern else form, pattern):
+                        return f'name matches "{pattern}"'
+            tricks = self.name_tricks.intersection(n.tricks)
+            if tricks:
+                return f"name with {', '.join(sorted(tricks))}"
+        for pattern in self.declared_types:
+            if f.declared_type and fnmatch.fnmatchcase(f.declared_type, pattern):
+                return f"declared type {safe_name(f.declared_type)}"
+        for pattern in self.detected_types:
+            if f.detected_type and fnmatch.fnmatchcase(f.detected_type, pattern):
+                return f"real type {safe_name(f.detected_type)}"
+        if self.macros and f.macros:
+            return "VBA macros"
+        if self.encrypted and f.encrypted:
+            return "encrypted"
+        return ""
+
+
+def _last_extension(name: str) -> str:
+    parts = [p.strip() for p in name.split(".")[1:]]
+    return next((p for p in reversed(parts) if p), "")
+
+
+def file_label(f, limit: int = 200) -> str:
+    """A file for replies, headers and logs: its name (an archive member after the archives it
+    lies in, "outer.7z > inner.zip > payload.exe"), or "part N" when it has none; printable
+    ASCII, bounded (verdict.safe_file_name)."""
+    if f is None:
+        return "the message"
+    name = f.names[0].sent if f.names else f"part {f.part}"
+    chain = [safe_file_name(c, 60) for c in f.container] + [safe_file_name(name, 100)]
+    label = " > ".join(chain)
+    return label if len(label) <= limit else "... > " + chain[-1]
+
+
+@dataclass(frozen=True)
+class FileHit:
+    """A [files] rule that matched a file, or a problem of the attachment checks, with the action
+    the recipient's settings give it."""
+    kind: str              # "rule", or a problem: "malformed", "limit", "unreadable"
+    name: str              # the rule's name; for a problem the limit reached or what went wrong
+    action: str
+    file: Any = None       # attachments.FileFacts; None for a problem of the message as a whole
+    why: str = ""          # what matched
+
+    @property
+    def label(self) -> str:
+        return file_label(self.file)
+
+    @property
+    def reason(self) -> str:
+        return BANNED if self.kind == "rule" else MALFORMED if self.kind == "malformed" else UNCHECKED
+
+
+@dataclass(frozen=True)
 class Scope:
     """Settings in force for one recipient of one direction, and where each came from."""
     values: dict[str, Any]
@@ -65,6 +165,26 @@ class Scope:
             return self.__dict__["values"][name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+@dataclass(frozen=True)
+class NotifyRules:
+    """[notify]: who gets digests of the mail held for them (`quarantine notify`), most specific
+    first: [notify.recipients], then [notify.domains], then `send`; and the reasons only a
+    postmaster may release (listed in a digest, never offered to the recipient)."""
+    send: bool = False
+    domains: dict[str, bool] = field(default_factory=dict)
+    recipients: dict[str, bool] = field(default_factory=dict)
+    admin_only_reasons: frozenset = frozenset({"virus"})
+
+    def wants(self, recipient: str) -> bool:
+        rcpt = recipient.lower()
+        if rcpt in self.recipients:
+            return self.recipients[rcpt]
+        return self.domains.get(rcpt.rpartition("@")[2], self.send)
+
+    def admin_only(self, reason: str) -> bool:
+        return reason in self.admin_only_reasons
 
 
 @dataclass(frozen=True)
@@ -87,10 +207,15 @@ class Policy:
     virus_classes: tuple[tuple[str, str], ...] = ()             # (pattern, action)
     rewrites: tuple[HeaderRewrite, ...] = ()
     quarantine_available: bool = False
+    file_rules: tuple[FileRule, ...] = ()      # [files.rules.NAME], in the order they are written
+    # direction -> {"files.NAME": action}: [DIRECTION.files] over the built-in actions (overrides
+    # keep theirs among their other settings in `domains` and `recipients`)
+    file_actions: dict[str, dict[str, str]] = field(default_factory=dict)
+    notify: NotifyRules = field(default_factory=NotifyRules)
 
     def scope(self, direction: str, recipient: str) -> Scope:
-        values = dict(self.directions[direction])
-        origin = {k: f"[{direction}]" for k in values}
+        values = {**self.directions[direction], **self.file_actions.get(direction, {})}
+        origin = {k: f"[{direction}{_table(k)}]" for k in values}
         rcpt = recipient.lower()
         domain = rcpt.rpartition("@")[2]
         for table, key in ((self.domains, domain), (self.recipients, rcpt)):
@@ -98,12 +223,17 @@ class Policy:
             if override:
                 kind = "domains" if table is self.domains else "recipients"
                 values.update(override)
-                origin.update({k: f'[{direction}.{kind}."{key}"]' for k in override})
+                origin.update({k: f'[{direction}.{kind}."{key}"{_table(k)}]' for k in override})
         return Scope(values, origin)
 
     def header_names(self) -> frozenset[str]:
         """Lower-case names of headers whose values the handler must keep for us."""
         return frozenset({"subject"} | {r.name.lower() for r in self.rewrites})
+
+
+def _table(key: str) -> str:
+    """The sub-table a scope key is written in: rule actions in [DIRECTION.files]."""
+    return ".files" if key.startswith(FILE_PREFIX) else ""
 
 
 @dataclass(frozen=True)
@@ -120,13 +250,15 @@ class Envelope:
 class RecipientDecision:
     recipient: str
     action: str                                   # accept | reject | tempfail | discard | quarantine
-    reason: str                                   # ham | tagged | spam | virus | scan-error | oversize | blocked | allowed
+    reason: str                                   # ham | tagged | spam | virus | banned | unchecked | malformed |
+                                                  # scan-error | oversize | blocked | allowed
     rule: str                                     # the setting that decided, and where it came from
     scope: Scope
     reply: tuple[str, str, str] | None = None     # code, enhanced code, text
     spam_flag: bool = False
     subject_tag: str = ""
     steps: tuple[str, ...] = ()                   # the decision path, for `scanmilter explain`
+    files: tuple[FileHit, ...] = ()               # attachment rules and problems in force, strictest first
 
 
 @dataclass(frozen=True)
@@ -216,10 +348,17 @@ def engines_needed(env: Envelope, policy: Policy, spam_engine: str = "spamd") ->
     return needed
 
 
+def checks_needed(env: Envelope, policy: Policy, spam_engine: str = "spamd") -> set[str]:
+    """engines_needed, and the attachment checks ("files") wherever the virus scan is needed:
+    allow-listed mail is exempt from them exactly as from the virus scan."""
+    needed = engines_needed(env, policy, spam_engine)
+    return needed | {"files"} if "clamd" in needed else needed
+
+
 def refused_whatever_the_score(outcome: Outcome) -> bool:
     """True when no recipient's fate depends on a spam score: each is refused or held for a
     virus, or blocked. A virus that is only tagged still needs the score for the headers."""
-    return all(d.reason in ("virus", "blocked") and d.action != ACCEPT for d in outcome.recipients)
+    return all(d.reason in ("virus", "blocked", BANNED) and d.action != ACCEPT for d in outcome.recipients)
 
 
 def virus_action(name: str, policy: Policy, default: str) -> tuple[str, str]:
@@ -238,9 +377,50 @@ def _level(value, verdict: Verdict) -> float:
     return verdict.spam_required() if value == "spamd" else float(value)
 
 
-def _text(template: str, verdict: Verdict, level: float | None = None) -> str:
+def _text(template: str, verdict: Verdict, level: float | None = None, hit: FileHit | None = None) -> str:
     return template.format(virus=", ".join(verdict.viruses) or "-", score=fmt_score(verdict.score),
-                           level=fmt_score(level))
+                           level=fmt_score(level), file=hit.label if hit else "-",
+                           rule=hit.name if hit and hit.kind == "rule" else "-",
+                           problem=hit.name if hit and hit.kind != "rule" else "-")
+
+
+# How strict an action of the attachment checks is, to pick one when several rules match.
+_FILE_STRICTNESS = {ACCEPT: -1, TAG: 0, TEMPFAIL: 1, DISCARD: 2, QUARANTINE: 3, REJECT: 4}
+
+
+def _strictest(hits: list[FileHit]) -> list[FileHit]:
+    """`hits` strictest first; among equals, in walk order (an archive before its members)."""
+    return sorted(hits, key=lambda h: -_FILE_STRICTNESS[h.action])
+
+
+def file_hits(report, s: Scope, policy: Policy) -> list[FileHit]:
+    """Every (rule, file) match with the rule's action for this scope (accept too: explain shows
+    a rule turned off), strictest first."""
+    rules = [(r, s.values.get(FILE_PREFIX + r.name, ACCEPT)) for r in policy.file_rules]
+    hits = []
+    for f in report.files:
+        for rule, action in rules:
+            why = rule.match(f)
+            if why:
+                hits.append(FileHit("rule", rule.name, action, f, why))
+    return _strictest(hits)
+
+
+def problem_hits(report, s: Scope) -> list[FileHit]:
+    """The first problem of each kind that has an action (malformed MIME, a limit, an unreadable
+    archive), strictest first. Warnings libarchive gave about an archive it still read are
+    facts for explain, not malformed MIME."""
+    hits = []
+    for kind, setting in PROBLEM_SETTINGS:
+        # a file's own problem first: "archive_expansion_limit in bomb.zip" says more than the message's
+        found = [(f, p) for f in report.files for p in f.problems if p.kind == kind]
+        found += [(None, p) for p in report.problems if p.kind == kind]
+        found = [(f, p) for f, p in found if not (kind == "malformed" and p.detail.startswith("archive: "))]
+        if found:
+            f, p = found[0]
+            detail = p.detail if kind == "limit" else safe_file_name(p.detail, 80)
+            hits.append(FileHit(kind, detail, s.values[setting], f, f"{kind}: {detail}"))
+    return _strictest(hits)
 
 
 def decide_recipient(verdict: Verdict, env: Envelope, direction: str, recipient: str,
@@ -248,9 +428,12 @@ def decide_recipient(verdict: Verdict, env: Envelope, direction: str, recipient:
     s = policy.scope(direction, recipient)
     steps: list[str] = []
 
+    noted: list[FileHit] = []        # the attachment rules and problems in force for this recipient
+
     def done(action, reason, rule, reply=None, flag=False, tag=""):
         steps.append(f"=> {action} ({reason}): {rule}")
-        return RecipientDecision(recipient, action, reason, rule, s, reply, flag, tag, tuple(steps))
+        return RecipientDecision(recipient, action, reason, rule, s, reply, flag, tag, tuple(steps),
+                                 tuple(_strictest(noted)))
 
     def origin(key):
         return f"{key} = {_show(s.values[key])} from {s.origin[key]}"
@@ -280,6 +463,30 @@ def decide_recipient(verdict: Verdict, env: Envelope, direction: str, recipient:
     else:
         steps.append("virus: none found" if scan_viruses else "virus: not scanned (allow_skips_virus_scan)")
 
+    report = verdict.files if scan_viruses else None
+    problems: list[FileHit] = []
+    if report is None:
+        steps.append("files: not checked" + ("" if scan_viruses else " (allow_skips_virus_scan)"))
+    else:
+        matches, problems = file_hits(report, s, policy), problem_hits(report, s)
+        hits = [h for h in matches if h.action != ACCEPT]
+        noted += hits + problems
+        if not matches:
+            steps.append(f"files: {len(report.files)} checked, no [files] rule matches")
+        for h in matches[:10]:
+            steps.append(f"files: rule {h.name} matches {h.file.part}: {h.label} ({h.why}); "
+                         f"{_file_origin(s, h.name)}")
+        if len(matches) > 10:
+            steps.append(f"files: {len(matches) - 10} more matches")
+        lead = hits[0] if hits else None
+        if lead is not None and lead.action != TAG:
+            why = f"{lead.name} ({lead.why}): {lead.label}; {_file_origin(s, lead.name)}"
+            if lead.action == REJECT:
+                return done(REJECT, BANNED, why, (*REPLY_BANNED, _text(s.banned_reply, verdict, hit=lead)))
+            if lead.action == QUARANTINE:
+                return done(QUARANTINE, BANNED, why, _quarantine_reply(s, verdict))
+            return done(DISCARD, BANNED, why)
+
     score = verdict.score
     if allowed:
         steps.append("spam: not checked (allow-listed)")
@@ -304,10 +511,20 @@ def decide_recipient(verdict: Verdict, env: Envelope, direction: str, recipient:
             return done(QUARANTINE, "spam", origin("quarantine_level"), _quarantine_reply(s, verdict))
 
     failed = [f"{e} {d}" for e, d in verdict.failed
-              if e == "clamd" and scan_viruses or e in SPAM_ENGINES and not allowed]
+              if e in ("clamd", "files") and scan_viruses or e in SPAM_ENGINES and not allowed]
     if failed and s.scan_failure_action == TEMPFAIL:
         return done(TEMPFAIL, "scan-error", f"{'; '.join(failed)}; {origin('scan_failure_action')}",
                     (*REPLY_TEMPFAIL, _text(s.tempfail_reply, verdict)))
+    for p in problems:
+        steps.append(f"files: {p.why} in {p.label}; {origin(dict(PROBLEM_SETTINGS)[p.kind])}")
+    if problems and problems[0].action != TAG:
+        p = problems[0]
+        why = f"{p.why}: {p.label}; {origin(dict(PROBLEM_SETTINGS)[p.kind])}"
+        if p.action == QUARANTINE:
+            return done(QUARANTINE, p.reason, why, _quarantine_reply(s, verdict))
+        codes = REPLY_MALFORMED if p.kind == "malformed" else REPLY_UNCHECKED
+        template = s.malformed_reply if p.kind == "malformed" else s.unchecked_reply
+        return done(p.action, p.reason, why, (*codes[p.action], _text(template, verdict, hit=p)))
     if verdict.oversize:
         if s.oversize_action == "reject":
             return done(REJECT, "oversize", origin("oversize_action"), (*REPLY_TOO_BIG, "Message too big to be scanned"))
@@ -316,6 +533,14 @@ def decide_recipient(verdict: Verdict, env: Envelope, direction: str, recipient:
         return done(ACCEPT, "scan-error", f"{'; '.join(failed)}; {origin('scan_failure_action')}")
     if verdict.viruses and scan_viruses:
         return done(ACCEPT, "virus", "virus action tag: accepted with X-Virus-Status: infected")
+    if noted:
+        # every rule and problem left is tagged: accepted, marked X-Attachment-Status (and the spam
+        # flag and Subject tag as the score says)
+        lead = _strictest(noted)[0]
+        flag, tag = _spam_marks(score, verdict, s)
+        what = (f"{lead.name} ({lead.why}): {lead.label}; {_file_origin(s, lead.name)}" if lead.kind == "rule"
+                else f"{lead.why}: {lead.label}; {origin(dict(PROBLEM_SETTINGS)[lead.kind])}")
+        return done(ACCEPT, lead.reason, f"tagged: {what}", flag=flag, tag=tag)
     if score is not None and verdict.spam_action:
         if verdict.spam_action in ("add header", "rewrite subject"):
             why = f'{verdict.spam_engine} action "{verdict.spam_action}"'
@@ -331,6 +556,23 @@ def decide_recipient(verdict: Verdict, env: Envelope, direction: str, recipient:
     return done(ACCEPT, "allowed" if allowed else "ham", allowed or "nothing to act on")
 
 
+def _file_origin(s: Scope, rule: str) -> str:
+    key = FILE_PREFIX + rule
+    return f'{rule} = "{s.values[key]}" from {s.origin[key]}'
+
+
+def _spam_marks(score: float | None, verdict: Verdict, s: Scope) -> tuple[bool, str]:
+    """(X-Spam-Flag, Subject tag) that the score earns, for an accept decided by something else."""
+    if score is None:
+        return False, ""
+    if verdict.spam_action:
+        marked = verdict.spam_action in ("add header", "rewrite subject")
+        return marked, s.subject_tag if marked else ""
+    flag = score >= _level(s.tag_level, verdict)
+    tag = s.subject_tag if s.subject_tag and score >= _level(s.subject_tag_level, verdict) else ""
+    return flag, tag
+
+
 def _quarantine_reply(s: Scope, verdict: Verdict):
     return (*REPLY_REJECT, _text(s.quarantine_reply, verdict)) if s.quarantine_action == REJECT else None
 
@@ -340,7 +582,7 @@ def _show(value) -> str:
 
 
 # Which accepted recipient's settings shape the headers: the most cautious one.
-_HEADER_RANK = {"tagged": 3, "virus": 3, "scan-error": 2, "oversize": 1}
+_HEADER_RANK = {"tagged": 3, "virus": 3, BANNED: 3, "scan-error": 2, UNCHECKED: 2, MALFORMED: 2, "oversize": 1}
 
 
 def combine_recipients(decisions: list[RecipientDecision], direction: str, policy: Policy) -> Outcome:

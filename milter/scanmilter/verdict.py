@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .scanners import CACHED, CLEAN, ERROR, FOUND, LIMITS, SIZE, SKIPPED, SPAM_ENGINES, ScanResult
 from .scanners.spamd import SPAMD_DEFAULT_REQUIRED
@@ -21,6 +22,25 @@ def safe_name(text: str, limit: int = 100) -> str:
     return _UNSAFE.sub("_", text)[:limit] or "_"
 
 
+# A file name is the sender's: in an SMTP reply or a header it must be printable ASCII that no
+# terminal or mail client shows as anything else. Everything else (controls, bidi overrides,
+# look-alike letters, any non-ASCII) is written as a visible escape, so that a right-to-left
+# override shows as "\u202e" instead of turning the name around.
+_FILE_UNSAFE = re.compile(r"[^\x20-\x7e]|\\")
+
+
+def _file_escape(m: re.Match) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code <= 0xff else f"\\u{code:04x}" if code <= 0xffff else f"\\U{code:08x}"
+
+
+def safe_file_name(text: str, limit: int = 100) -> str:
+    """`text` (a file name as sent) as bounded printable ASCII: non-ASCII, control characters and
+    backslash escaped (\\xNN, \\uNNNN), cut at `limit` characters with "..."."""
+    out = _FILE_UNSAFE.sub(_file_escape, text[:limit * 2])
+    return (out[:limit - 3] + "...") if len(out) > limit else (out or "_")
+
+
 @dataclass(frozen=True)
 class Verdict:
     viruses: tuple[str, ...] = ()
@@ -35,6 +55,7 @@ class Verdict:
     spam_engine: str = "spamd"                   # the engine asked for the spam score
     rule_scores: tuple[float, ...] = ()          # each rule's score, when the engine gives them (rspamd)
     spam_action: str = ""                        # the spam engine's own action, when the admin follows it
+    files: Any = None                            # the attachment facts (attachments.Report); None: not checked
 
     def engine_state(self, engine: str) -> str:
         """What became of one engine's scan: scanned (it answered, whatever it found), failed,
@@ -56,7 +77,10 @@ def combine(results: list[ScanResult], oversize: bool = False) -> Verdict:
     viruses, rules, failed, skipped, cached = [], [], [], [], []
     score = required = None
     spam_engine, rule_scores, action = "spamd", [], ""
+    files = None
     for r in results:
+        if r.engine == "files" and r.outcome == CLEAN:
+            files = r.report
         if r.engine in SPAM_ENGINES:
             spam_engine = r.engine
         if r.detail == CACHED and r.outcome in (CLEAN, FOUND):
@@ -75,4 +99,4 @@ def combine(results: list[ScanResult], oversize: bool = False) -> Verdict:
             action = r.action
     return Verdict(tuple(viruses), score, required, tuple(rules), tuple(failed), tuple(skipped),
                    tuple(r.engine for r in results), oversize, tuple(cached), spam_engine,
-                   tuple(rule_scores), action)
+                   tuple(rule_scores), action, files)

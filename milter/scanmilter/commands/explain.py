@@ -5,6 +5,8 @@ import re
 
 from .. import headers as H
 from .. import policy as P
+from .. import sharedlists
+from ..logs import escape
 from ..message import Message, Spool
 from ..pipeline import Pipeline, scan_pool
 from ..scanners import CLEAN, FOUND, SPAM_ENGINES, Origin, ScanResult, Submission
@@ -31,12 +33,37 @@ def read_message(data: bytes, keep, size_limit: int) -> Message:
     return msg
 
 
+FILES_SHOWN = 50        # attachment facts listed; the rest are counted
+
+
 def _said(r: ScanResult) -> str:
-    """What an engine's result says: the viruses found, or the spam score and rules."""
+    """What an engine's result says: the viruses found, the files checked, or the spam score and rules."""
     if r.viruses or r.engine == "clamd":
         return ", ".join(r.viruses) or "no virus"
+    if r.engine == "files":
+        return f"{len(r.report.files)} files" if r.report is not None else "no facts"
     return (f"score {P.fmt_score(r.score)} ({r.engine} requires {P.fmt_score(r.required)}), "
             f"tests={','.join(r.rules) or 'none'}")
+
+
+def _files(report) -> list[str]:
+    """The attachment facts, one line per file (an archive's members after it, indented), then
+    the problems of the message. Names as sent, escaped (bidi controls show as \\u202e)."""
+    out = [f"files: {len(report.files)} in {report.parts} MIME parts, {report.seconds * 1000:.0f} ms"
+           + ("" if report.complete else ", stopped early")]
+    for f in report.files[:FILES_SHOWN]:
+        names = " / ".join(f'"{escape(n.sent, 120)}"' + (f" ({', '.join(n.tricks)})" if n.tricks else "")
+                           for n in f.names) or "(no name)"
+        facts = [f"declared {escape(f.declared_type, 80)}" if f.declared_type else "",
+                 f"real {f.detected_type}" if f.detected_type else "", f"{f.size} bytes",
+                 f"{f.archive_format}, {f.members} members" if f.archive_format else "",
+                 "macros" if f.macros else "", "encrypted" if f.encrypted else ""]
+        facts += [escape(str(p), 160) for p in f.problems]
+        out.append(f"  {'  ' * f.depth}{f.part}: {names}: {'; '.join(x for x in facts if x)}")
+    if len(report.files) > FILES_SHOWN:
+        out.append(f"  ... {len(report.files) - FILES_SHOWN} more")
+    out += [f"  message: {escape(str(p), 200)}" for p in report.problems]
+    return out
 
 
 def explain(data: bytes, envelope: P.Envelope, policy: P.Policy, engines: list, size_limit: int,
@@ -48,7 +75,7 @@ def explain(data: bytes, envelope: P.Envelope, policy: P.Policy, engines: list, 
     direction, why = P.direction_of(envelope, policy)
     out.append(f"direction: {direction} ({why})")
     spam_engine = next((e.name for e in engines if e.name in SPAM_ENGINES), "spamd")
-    needed = P.engines_needed(envelope, policy, spam_engine)
+    needed = P.checks_needed(envelope, policy, spam_engine)
     if msg.spool.oversize:
         out.append(f"scan: none, the message is over message_size_limit ({size_limit} bytes)"
                    + (" (--score and --virus ignored)" if score is not None or viruses else ""))
@@ -57,6 +84,9 @@ def explain(data: bytes, envelope: P.Envelope, policy: P.Policy, engines: list, 
                               required=SPAMD_DEFAULT_REQUIRED)]
         results.append(ScanResult("clamd", FOUND, viruses=viruses) if viruses else ScanResult("clamd", CLEAN))
         results = [r for r in results if r.engine in needed]
+        # the attachment checks need no server: they run here as in the daemon
+        results += [e.scan(Submission(msg.spool, Origin(envelope.client_address))) for e in engines
+                    if e.name == "files" and e.name in needed]
         out.append("scan: given on the command line (no scanner asked)")
     else:
         with scan_pool(len(engines)) as pool:
@@ -66,14 +96,21 @@ def explain(data: bytes, envelope: P.Envelope, policy: P.Policy, engines: list, 
     for r in results:
         out.append(f"  {r.engine}: {r.outcome}{' ' + r.detail if r.detail else ''}; {_said(r)}; "
                    f"{r.seconds * 1000:.0f} ms")
-    skipped = sorted({"clamd", spam_engine} - needed)
+    skipped = sorted(({"clamd", spam_engine} | {e.name for e in engines if e.name == "files"}) - needed)
     if skipped:
         out.append(f"  not asked: {', '.join(skipped)} (allow lists)")
     verdict = combine(results, oversize=msg.spool.oversize)
+    if verdict.files is not None:
+        out += _files(verdict.files)
     outcome = P.decide(verdict, envelope, policy)
     for d in outcome.recipients:
-        sources = sorted(set(d.scope.origin.values()))
+        # [files] rule actions are named in the steps that use them; an override of one shows here
+        sources = sorted({o for k, o in d.scope.origin.items() if not k.startswith(P.FILE_PREFIX)
+                          or o != f"[{outcome.direction}.files]"})
         out.append(f"recipient <{d.recipient}>: settings from {', '.join(sources)}")
+        # every matching list entry and overridden setting, with its file line or database row
+        out += [f"  source: {line}" for line in
+                sharedlists.sources(policy, envelope.client_address, envelope.sender, d.recipient, outcome.direction)]
         out += [f"  {step}" for step in d.steps]
     out.append(f"message: {outcome.action}" + (f" ({outcome.note})" if outcome.note else ""))
     for r in outcome.remove:

@@ -583,6 +583,127 @@ def engine_checks(cfg) -> tuple[list[Finding], list[str]]:
     return out, passed
 
 
+def _policy_scopes(policy) -> list[tuple[str, dict]]:
+    """(where, settings) of every table of the policy that may set a direction setting."""
+    out = [(f"[{d}]", values) for d, values in policy.directions.items()]
+    for kind in ("domains", "recipients"):
+        for d, table in getattr(policy, kind).items():
+            out += [(f'[{d}.{kind}."{key}"]', values) for key, values in table.items()]
+    return out
+
+
+def hold_checks(cfg, policy=None, params: dict[str, str] | None = None, live: bool = True,
+                timeout: float = CONNECT_TIMEOUT) -> tuple[list[Finding], list[str]]:
+    """quarantine_backend = "hold": what Postfix must send, what the policy cannot have, and (live)
+    that postqueue and postsuper run as this user against postfix_config_directory's instance,
+    that the index takes a write (as the daemon's user too, when run as root) and that the
+    daemon asks for the quarantine action. (findings, lines saying what passed)."""
+    if cfg.quarantine_backend != "hold" or not cfg.quarantine_directory:
+        return [], []
+    out: list[Finding] = []
+    passed: list[str] = []
+    if params is not None and "i" not in _macros(params.get("milter_end_of_data_macros", "i")):
+        out.append(Finding("error", "milter_end_of_data_macros lacks i: with quarantine_backend = \"hold\" the verdict "
+                                    "is recorded by queue id, so every message the policy holds is tempfailed",
+                           "postconf -e 'milter_end_of_data_macros = i'"))
+    if policy is not None:
+        rejecting = [where for where, values in _policy_scopes(policy) if values.get("quarantine_action") == "reject"]
+        if rejecting:
+            out.append(Finding("warning", f"quarantine_action = \"reject\" in {', '.join(rejecting)}: on Postfix's hold "
+                                          "queue a held message is accepted, so its sender is not told",
+                               'quarantine_action = "discard" there, or quarantine_backend = "files"'))
+    if not live:
+        return out, passed
+    from .. import quarantine
+    from .selftest import SMFIF_QUARANTINE, milter_actions
+    instance = cfg.postfix_config_directory or "Postfix's default configuration"
+    root_fix = ("run the quarantine commands as root (postsuper and postcat need it), with postfix_config_directory "
+                "naming the instance's configuration directory")
+    try:
+        store = quarantine.open_store(cfg, command=True)
+        queue = store.queue()
+        passed.append(f"hold: postqueue -j of {instance}: {sum(q.queue_name == 'hold' for q in queue.values())} "
+                      f"of {len(queue)} queued message(s) on hold")
+        store.check_postsuper()
+        passed.append(f"hold: postsuper runs against {instance}")
+        store.probe()
+        passed.append(f"hold: the index {store.index_path} takes a write")
+    except quarantine.StoreError as e:
+        out.append(Finding("error", f"quarantine_backend = \"hold\": {e}", root_fix))
+    owner = _index_owner(cfg.quarantine_directory)
+    if owner is not None and os.geteuid() == 0 and owner.pw_uid != 0:
+        def probe(fd: int) -> int:
+            try:
+                quarantine.open_store(cfg).probe()
+            except quarantine.StoreError as e:
+                os.write(fd, str(e).encode())
+                return 1
+            return 0
+        status, said = in_child_as(owner, probe)
+        if status:
+            out.append(Finding("error", f"the daemon's user {owner.pw_name} cannot write the hold index: "
+                                        f"{said.decode(errors='replace') or status}",
+                               f"chown -R {owner.pw_name} {cfg.quarantine_directory}"))
+        else:
+            passed.append(f"hold: the index takes a write as {owner.pw_name}, the quarantine directory's owner")
+    try:
+        asked = milter_actions(cfg.milter_socket, timeout)
+    except (OSError, miltertalk.MilterError):
+        return out, passed           # said by the live check of the socket
+    if asked & SMFIF_QUARANTINE:
+        passed.append("hold: the daemon asks for the quarantine action (SMFIF_QUARANTINE)")
+    else:
+        out.append(Finding("error", "the daemon at milter_socket does not ask for the quarantine action "
+                                    "(SMFIF_QUARANTINE): held mail is tempfailed",
+                           "restart scanmilter (a version with quarantine_backend = \"hold\")"))
+    return out, passed
+
+
+def database_checks(cfg, live: bool = True) -> tuple[list[Finding], list[str]]:
+    """quarantine_backend = "postgresql" (live): the database answers from this host, its schema is
+    this scanmilter's, and a probe entry can be written and read back (then rolled back, so
+    nothing stays). (findings, lines saying what passed)."""
+    if cfg.quarantine_backend != "postgresql" or not live:
+        return [], []
+    from .. import quarantine
+    try:
+        store = quarantine.open_store(cfg, command=True)
+    except quarantine.StoreError as e:
+        return [Finding("error", f"quarantine_backend = \"postgresql\": {e}",
+                        "set database_dsn_file to a file whose first line is the connection string")], []
+    out: list[Finding] = []
+    passed: list[str] = []
+    try:
+        database = getattr(store, "pg", store)          # quarantine_fallback = "local" wraps it
+        state = database.check_database()
+        if not state["up"]:
+            out.append(Finding("error", f"the quarantine database does not answer: {state['problem']}",
+                               "check database_dsn_file, that PostgreSQL runs and that pg_hba.conf lets this host in"))
+            return out, passed
+        if state["problem"]:
+            out.append(Finding("error", state["problem"], "scanmilter quarantine migrate (once, from any host), or "
+                                                          "upgrade this host's scanmilter"))
+            return out, passed
+        passed.append(f"database: {database.describe()} answers in {state['seconds'] * 1000:.0f} ms, schema "
+                      f"version {state['version']}")
+        try:
+            seconds = database.check_write()
+            passed.append(f"database: a probe entry was written, read back and rolled back in {seconds * 1000:.0f} ms")
+        except quarantine.StoreError as e:
+            out.append(Finding("error", f"the quarantine database does not take a write: {e}",
+                               "GRANT INSERT, SELECT, UPDATE, DELETE on the quarantine_* tables to scanmilter's role"))
+    finally:
+        store.close()
+    return out, passed
+
+
+def _index_owner(directory: str) -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwuid(os.stat(directory).st_uid)
+    except (OSError, KeyError):
+        return None
+
+
 def run(config_path: str | None, main_cf: str | None, clamd_path: str, out=print, connect: bool = True,
         timeout: float = CONNECT_TIMEOUT) -> int:
     cfg, policy, _ = policyfile.load_settings_and_policy(config_path)
@@ -600,11 +721,16 @@ def run(config_path: str | None, main_cf: str | None, clamd_path: str, out=print
         findings += live
         live, engines_passed = engine_checks(cfg)
         findings += live
+    hold, hold_passed = hold_checks(cfg, policy, params, connect, timeout)
+    findings += hold
+    database, database_passed = database_checks(cfg, connect)
+    findings += database
+    hold_passed += database_passed
     for f in findings:
         out(f"{f.level}: {f.text}\n  fix: {f.fix}")
     if passed:
         out(f"live: {passed}")
-    for line in engines_passed:
+    for line in engines_passed + hold_passed:
         out(f"live: {line}")
     errors = sum(f.level == "error" for f in findings)
     out(f"{errors} error(s), {len(findings) - errors} warning(s)" if findings else "OK: no mismatches found")

@@ -15,7 +15,7 @@ import re
 import sys
 import time
 
-from .. import config, quarantine
+from .. import config, quarantine, webhooks
 from ..logs import escape
 from ..quarantine import learn, release
 from ..scanners import EngineError, parse_client_socket, rspamd, spamd
@@ -90,10 +90,18 @@ def _filters(args) -> dict:
 
 
 def cmd_list(store, cfg, args) -> int:
-    entries = store.select(**_filters(args))
+    if args.limit < 0 or args.page < 1:
+        raise UsageError("--limit is 0 (all) or more, --page 1 or more")
+    entries, matching, size = store.listing(args.limit, (args.page - 1) * args.limit, **_filters(args))
+    _waiting_note(store)
+    for note in getattr(store, "notes", ()):        # the hold queue: entries that left it without us
+        print(f"scanmilter: {escape(note, 500)}", file=sys.stderr)
     if args.json:
         for e in entries:
             print(json.dumps(e.meta, sort_keys=True))
+        return EXIT_OK
+    if not entries and matching:
+        print(f"No entries on page {args.page}: {matching} match, {args.limit} a page")
         return EXIT_OK
     if not entries:
         print("Quarantine is empty" if not any(vars(args).get(k) for k in ("reason", "sender", "recipient", "since",
@@ -101,17 +109,27 @@ def cmd_list(store, cfg, args) -> int:
         return EXIT_OK
     print(f"{'-Quarantine ID-':<25} {'--Size--':>8} {'----Held----------':<19} {'-Reason-':<10} "
           f"{'-Score/Virus-':<18} -Sender/Recipient-")
-    total = 0
     for e in entries:
-        total += e.size
         held = time.strftime("%a %b %d %H:%M", time.localtime(e.time))
         released = " (released)" if e.released else ""
         print(f"{e.id:<25} {e.size:>8} {held:<19} {e.reason:<10} "
               f"{escape(_verdict(e), 18):<18} {escape(e.sender or '<>')}{released}")
         for r in e.recipients:
             print(f"{'':<85}{escape(r)}")
-    print(f"-- {total / 1024:.0f} Kbytes in {len(entries)} {'entry' if len(entries) == 1 else 'entries'}.")
+    print(f"-- {size / 1024:.0f} Kbytes in {matching} {'entry' if matching == 1 else 'entries'}."
+          + (f" Page {args.page} of {-(-matching // args.limit)}: {len(entries)} shown." if args.limit else ""))
     return EXIT_OK
+
+
+def _waiting_note(store) -> None:
+    """quarantine_fallback = "local": say what still waits on this host to be moved into PostgreSQL."""
+    try:
+        waiting = store.waiting() if hasattr(store, "waiting") else 0
+    except quarantine.StoreError:
+        return                      # the local store is closed to this user; the daemon knows
+    if waiting:
+        print(f"scanmilter: {waiting} held message(s) wait in this host's fallback store {store.directory} "
+              "for PostgreSQL; the daemon or `quarantine purge` moves them", file=sys.stderr)
 
 
 def _decoded(value: str) -> str:
@@ -197,22 +215,78 @@ def _body_text(data: bytes) -> str:
     return data.partition(b"\r\n\r\n")[2].decode("utf-8", "replace")
 
 
-def cmd_release(store, cfg, args) -> int:
-    kind, address = parse_client_socket(cfg.quarantine_release_address)
-    if kind != "inet":
-        raise UsageError("quarantine_release_address must be inet:HOST:PORT")
+def _release_from_hold(store, cfg, args) -> int:
+    """quarantine_backend = "hold": postsuper -H, no re-injection (hold.py)."""
     try:
-        sent = release.release(store, args.id, address, args.by, args.to or None, args.force,
-                               cfg.quarantine_release_timeout)
+        sent = release_entry(store, cfg, args.id, args.by, args.to, keep_message=args.learn_ham)
     except (release.ReleaseError, quarantine.StoreError) as e:
         if isinstance(e, quarantine.NotFound):
             raise
         print(f"scanmilter: release {escape(args.id, 64)}: {escape(str(e), 2000)}", file=sys.stderr)
         return EXIT_RELEASE_FAILED
+    print(f"{args.id}: released from Postfix's hold queue to {escape(', '.join(sent), 2000)}")
+    return _learn(store, cfg, [args.id], "ham", args.by) if args.learn_ham else EXIT_OK
+
+
+def release_entry(store, cfg, entry_id: str, by: str, to: list[str] | None = None, force: bool = False,
+                  keep_message: bool = False) -> list[str]:
+    """Release one entry, for `quarantine release` and the web page alike: Postfix's hold queue lets
+    it go (postsuper -H; keep_message: its bytes stay readable for learning), any other store
+    re-injects it through the release service. The recipients it went to; ReleaseError, StoreError
+    (NotFound), or UsageError when the release service is not inet:HOST:PORT."""
+    if getattr(store, "in_postfix_queue", False):
+        return store.release(entry_id, by, to or None, keep_message=keep_message)
+    setting, via = _release_service(store, cfg, entry_id)
+    try:
+        kind, address = parse_client_socket(via)
+    except ValueError as e:
+        kind, address = str(e), None
+    if kind != "inet":
+        raise UsageError(f"{setting} must be inet:HOST:PORT, not {escape(via, 200)!r}")
+    return release.release(store, entry_id, address, by, to or None, force, cfg.quarantine_release_timeout)
+
+
+def cmd_release(store, cfg, args) -> int:
+    if getattr(store, "in_postfix_queue", False):
+        return _release_from_hold(store, cfg, args)
+    try:
+        sent = release_entry(store, cfg, args.id, args.by, args.to, args.force)
+    except (release.ReleaseError, quarantine.StoreError) as e:
+        if isinstance(e, quarantine.NotFound):
+            raise
+        print(f"scanmilter: release {escape(args.id, 64)}: {escape(str(e), 2000)}", file=sys.stderr)
+        if cfg.quarantine_backend == "postgresql":
+            _releases_done(store, args.id)
+        return EXIT_RELEASE_FAILED
     print(f"{args.id}: released to {escape(', '.join(sent), 2000)}")
     if args.learn_ham:
         return _learn(store, cfg, [args.id], "ham", args.by)
     return EXIT_OK
+
+
+def _release_service(store, cfg, entry_id: str) -> tuple[str, str]:
+    """(where it is set, address) of the Postfix service a release goes through. A shared store:
+    the central one if set, else the one the holding host recorded in the entry. Else this host's."""
+    if cfg.quarantine_backend == "postgresql":
+        if cfg.quarantine_central_release_address:
+            return "quarantine_central_release_address", cfg.quarantine_central_release_address
+        recorded = store.get(entry_id).release_address
+        if recorded:
+            return f"the release address recorded in entry {entry_id}", recorded
+    return "quarantine_release_address", cfg.quarantine_release_address
+
+
+def _releases_done(store, entry_id: str) -> None:
+    """Who released an entry, where and when: told to an admin whose release came second."""
+    try:
+        done = store.get(entry_id).released
+    except quarantine.StoreError:
+        return
+    for rel in done:
+        print(f"scanmilter: {entry_id} was released by {escape(str(rel.get('by')), 100)} on "
+              f"{escape(str(rel.get('host', '?')), 200)} at "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(rel.get('at', 0)))} to "
+              f"{escape(', '.join(map(str, rel.get('to', []))), 1000)}", file=sys.stderr)
 
 
 def _learner(cfg):
@@ -271,7 +345,11 @@ def cmd_delete(store, cfg, args) -> int:
 def cmd_purge(store, cfg, args) -> int:
     age = duration(args.older_than) if args.older_than else cfg.quarantine_max_age
     failed: list[tuple[str, str]] = []
-    old = quarantine.purge(store, age, args.dry_run, failed)
+    try:
+        old = quarantine.purge(store, age, args.dry_run, failed)
+    except quarantine.Busy as e:            # a shared store: one host purges for all
+        print(f"scanmilter: {escape(str(e), 1000)}")
+        return EXIT_OK
     for entry_id, reason in failed:
         print(f"scanmilter: purge {entry_id}: {escape(reason)}", file=sys.stderr)
     size = sum(e.size for e in old)
@@ -290,6 +368,43 @@ def cmd_reindex(store, cfg, args) -> int:
     print(f"indexed {count} entries" + (f"; removed {removed} left-over file(s)" if removed else "")
           + (f"; skipped {len(skipped)} unreadable (delete them, or repair their .json)" if skipped else ""))
     return EXIT_INCOMPLETE if skipped else EXIT_OK
+
+
+def cmd_migrate(store, cfg, args) -> int:
+    """Bring the database's schema up to this scanmilter's version (db.migrate)."""
+    from .. import db
+    try:
+        conn = db.connect(db.read_dsn(cfg), cfg.database_connect_timeout)
+        try:
+            applied, version = db.apply_migrations(conn)
+        finally:
+            conn.close()
+    except db.DatabaseError as e:
+        raise quarantine.StoreError(str(e)) from None
+    for step in applied:
+        print(f"applied {step.version:04d}_{step.name}")
+    print(f"the database schema is at version {version}" + ("" if applied else "; nothing to do"))
+    return EXIT_OK
+
+
+def cmd_import(store, cfg, args) -> int:
+    """Copy (with --remove: move) a file store into PostgreSQL, keyed by entry id: run it again
+    and nothing is copied twice."""
+    if cfg.quarantine_backend != "postgresql":
+        raise UsageError('import needs quarantine_backend = "postgresql" (the store to import into)')
+    directory = args.source or cfg.quarantine_directory
+    if not directory:
+        raise UsageError("give the file store's directory (--from), or set quarantine_directory")
+    files = quarantine.FileStore.for_command(directory)
+    pg = getattr(store, "pg", store)
+    failed: list[tuple[str, str]] = []
+    written, present = pg.import_from(files, remove=args.remove, action="import", failed=failed)
+    for entry_id, reason in failed:
+        print(f"scanmilter: import {entry_id}: {escape(reason)}", file=sys.stderr)
+    print(f"imported {written} {'entry' if written == 1 else 'entries'} from {directory} into {pg.describe()}; "
+          f"{present} were there already" + (f"; {len(failed)} could not be imported" if failed else "")
+          + ("; the imported entries were removed from the directory" if args.remove else ""))
+    return EXIT_INCOMPLETE if failed else EXIT_OK
 
 
 def cmd_stats(store, cfg, args) -> int:
@@ -318,6 +433,8 @@ def add_parser(sub) -> None:
     qs = q.add_subparsers(dest="action", required=True)
     p = qs.add_parser("list", parents=[common, filters], help="held mail, newest first (like mailq)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--limit", type=int, default=0, help="entries per page (default 0: all)")
+    p.add_argument("--page", type=int, default=1, help="which page of --limit entries (default 1)")
     p.set_defaults(run=cmd_list)
     p = qs.add_parser("show", parents=[common], help="one entry: why it was held, headers, body preview")
     p.add_argument("id")
@@ -350,15 +467,29 @@ def add_parser(sub) -> None:
     p.set_defaults(run=cmd_purge)
     p = qs.add_parser("reindex", parents=[common], help="rebuild the index from the entry files")
     p.set_defaults(run=cmd_reindex)
+    p = qs.add_parser("migrate", parents=[common],
+                      help="create or upgrade the PostgreSQL schema (quarantine and shared lists); once, from any host")
+    p.set_defaults(run=cmd_migrate, database_only=True)
+    p = qs.add_parser("import", parents=[common],
+                      help="copy a file store's entries into PostgreSQL (again: nothing twice)")
+    p.add_argument("--from", dest="source", help="the file store's directory (default: quarantine_directory)")
+    p.add_argument("--remove", action="store_true", help="remove each entry from the directory once imported")
+    p.set_defaults(run=cmd_import)
     p = qs.add_parser("stats", parents=[common], help="entries and bytes by reason, oldest entry")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_stats)
+    from .. import notify
+    notify.add_parser(qs, common)           # quarantine notify: the digests (notify.py)
     q.set_defaults(func=run)
 
 
 def run(args) -> int:
+    store = None
     try:
+        if getattr(args, "database_only", False):       # migrate: the database, no store
+            return args.run(None, config.load(config_path(args.config)), args)
         store, cfg = _open(args)
+        _start_webhooks(cfg, args)
         return args.run(store, cfg, args)
     except quarantine.NotFound as e:
         print(f"scanmilter: {escape(str(e))}", file=sys.stderr)
@@ -366,3 +497,22 @@ def run(args) -> int:
     except (UsageError, config.ConfigError, quarantine.StoreError) as e:
         print(f"scanmilter: {escape(str(e), 2000)}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if hasattr(store, "close"):         # a database store's pool of connections
+            store.close()
+        webhooks.finish()       # within webhook_flush_timeout: a dead receiver never holds the command
+
+
+ANNOUNCED = ("release", "delete", "purge")      # the actions whose events the webhooks get (events.py)
+
+
+def _start_webhooks(cfg, args) -> None:
+    """A sender for the events of this command, when the configuration has [[webhook]] tables."""
+    if not cfg.webhooks or args.action not in ANNOUNCED:
+        return
+    try:
+        hooks = webhooks.hooks_from(cfg)
+    except config.ConfigError as e:         # the command still does its work
+        print(f"scanmilter: warning: {escape(str(e), 1000)}; this command sends no webhook events", file=sys.stderr)
+        return
+    webhooks.start(cfg, hooks)

@@ -17,12 +17,15 @@ import base64
 import email.utils
 import json
 import secrets
+import struct
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from ..scanners.spamd import GTUBE, SPAMD_DEFAULT_REQUIRED
 from .miltertalk import Answer, MilterError, Session
+
+SMFIF_QUARANTINE = 0x20      # the milter action flag of SMFIR_QUARANTINE (Postfix: put on hold)
 
 # The EICAR test file, kept as base64 of its reversed bytes so that no scanner flags this source.
 _EICAR_REVERSED_B64 = ("KkgrSCQhRUxJRi1UU0VULVNVUklWSVROQS1EUkFETkFUUy1SQUNJRSR9NylDQzcpXlAoNDVYWlBc"
@@ -58,6 +61,7 @@ def report(verdict, outcome, answer: str, held: str) -> str:
         "viruses": list(verdict.viruses), "score": verdict.score, "required": verdict.spamd_required,
         "rules": list(verdict.rules), "clamd": _engine_state(verdict, "clamd"),
         "spamd": _engine_state(verdict, verdict.spam_engine),     # the spam engine, whichever runs
+        "engine": verdict.spam_engine,                           # its name, for the messages below
         "failed": [list(f) for f in verdict.failed], "skipped": [list(s) for s in verdict.skipped],
         "decision": outcome.action, "reason": outcome.reason, "rule": lead.rule if lead else "",
         "answer": answer, "held": held}, separators=(",", ":"))
@@ -76,6 +80,12 @@ class Case:
     facts: Callable[[dict], str]      # "" when the scan found what it must, else what is wrong
 
 
+def _spam_engine(r: dict) -> str:
+    """The spam engine's name as the daemon reported it (spamd from a daemon that names none)."""
+    name = r.get("engine")
+    return name if name in ("spamd", "rspamd") else "spamd"
+
+
 def _score(r: dict) -> str:
     return "-" if r["score"] is None else f"{r['score']:.1f}"
 
@@ -86,16 +96,16 @@ def _clean_facts(r: dict) -> str:
     if r["clamd"] != REPORT_SCANNED:
         return f"clamd did not scan the clean message ({r['clamd']})"
     if r["score"] is None:
-        return f"spamd gave the clean message no score ({r['spamd']})"
+        return f"{_spam_engine(r)} gave the clean message no score ({r['spamd']})"
     required = r["required"] if r["required"] is not None else SPAMD_DEFAULT_REQUIRED
     if r["score"] >= required:
-        return f"spamd scored the clean message {_score(r)}, at or over its required {required:.1f}"
+        return f"{_spam_engine(r)} scored the clean message {_score(r)}, at or over its required {required:.1f}"
     return ""
 
 
 def _gtube_facts(r: dict) -> str:
     if "GTUBE" not in r["rules"]:
-        return f"spamd did not find GTUBE (score {_score(r)}, tests={','.join(r['rules']) or 'none'}; {r['spamd']})"
+        return f"{_spam_engine(r)} did not find GTUBE (score {_score(r)}, tests={','.join(r['rules']) or 'none'}; {r['spamd']})"
     return ""
 
 
@@ -119,6 +129,8 @@ def answer_kind(a: Answer) -> str:
 
 REPORT_KEYS = frozenset({"viruses", "score", "required", "rules", "clamd", "spamd", "failed", "skipped",
                          "decision", "reason", "rule", "answer", "held"})
+# written by this version, read with a default: a daemon of an older version leaves them out
+REPORT_OPTIONAL_KEYS = frozenset({"engine"})
 
 
 def parse_report(a: Answer) -> dict | None:
@@ -132,8 +144,10 @@ def parse_report(a: Answer) -> dict | None:
     return None
 
 
-def judge(case: Case, a: Answer) -> tuple[str, str]:
-    """(problem, what to show): problem is "" when the case passes."""
+def judge(case: Case, a: Answer, hold: str | None = None) -> tuple[str, str]:
+    """(problem, what to show): problem is "" when the case passes. hold: the reason of the
+    milter's quarantine request (SMFIR_QUARANTINE) with this answer, None when it made none:
+    with quarantine_backend = "hold" a held message is put on Postfix's hold queue and accepted."""
     shown = a.reply or a.action + "".join(f"; {n}:{v}" for n, v in a.added if n.lower() != REPORT_HEADER.lower())
     shown = " ".join(shown.split())
     r = parse_report(a)
@@ -148,15 +162,58 @@ def judge(case: Case, a: Answer) -> tuple[str, str]:
         return f"{wrong} ({shown})", shown
     decision, got = r["decision"], answer_kind(a)
     expected = ("reject", "discard") if decision == "quarantine" else (decision,)
+    if hold is not None:
+        if decision != "quarantine":
+            return f"the daemon asked Postfix to hold a message the policy does not hold ({shown})", shown
+        expected = ("accept",)          # on Postfix's hold queue: held, then accepted
     if got not in expected or got != r["answer"]:
         return (f"the policy decides {decision} ({r['reason']}: {r['rule']}), but the answer is {shown}"
                 + (f" ({r['held'] or 'no quarantine'})" if decision == "quarantine" else "")), shown
+    if hold is not None:
+        shown += f"; held on Postfix's hold queue (SMFIR_QUARANTINE: {' '.join(hold.split())[:200]})"
     if decision == "quarantine":
         if r["held"] != NOT_STORED:
             return f"the daemon stored the self-test message in the quarantine ({r['held']}); delete it", shown
         what = ", ".join(r["viruses"]) if r["reason"] == "virus" else f"score {_score(r)}"
         shown += f"; quarantine ({r['reason']} {what}) by {r['rule']}, {NOT_STORED}"
     return "", shown
+
+
+class HoldAwareSession(Session):
+    """A Session that also keeps what the milter asked of the MTA beyond its answer: the actions
+    it negotiated, and the reason of a quarantine request (Postfix: put the message on hold)."""
+    actions = 0
+    hold: str | None = None
+
+    def _recv(self) -> tuple[bytes, bytes]:
+        cmd, data = super()._recv()
+        if cmd == b"O" and len(data) >= 12:
+            self.actions = struct.unpack("!I", data[4:8])[0]
+        elif cmd == b"q":
+            self.hold = data.rstrip(b"\0").decode("utf-8", "replace")
+        return cmd, data
+
+
+def milter_actions(address: str, timeout: float) -> int:
+    """The action flags the milter at `address` asks for when an MTA offers all of them."""
+    session = HoldAwareSession(address, timeout)
+    try:
+        session.negotiate()
+        return session.actions
+    finally:
+        session.close()
+
+
+def check_hold(cfg, out=print) -> int:
+    """quarantine_backend = "hold": postqueue and postsuper run against the configured Postfix,
+    and the index takes a write (postfix-check's checks of the backend). Failures."""
+    from .postfix_check import hold_checks
+    findings, passed = hold_checks(cfg, None, {}, True, 10.0)
+    for line in passed:
+        out(f"PASS {line}")
+    for f in findings:
+        out(f"{'FAIL' if f.level == 'error' else 'WARN'} hold: {f.text} (fix: {f.fix})")
+    return sum(f.level == "error" for f in findings)
 
 
 def check_members(engines, out=print) -> int:
@@ -182,8 +239,9 @@ def _report(out, what: str, problem: str, passed: str, start: float) -> int:
     return int(bool(problem))
 
 
-def run(address: str, timeout: float = 60.0, out=print, engines=()) -> int:
-    """engines: the configured engines, whose pool members are checked one by one as well."""
+def run(address: str, timeout: float = 60.0, out=print, engines=(), cfg=None) -> int:
+    """engines: the configured engines, whose pool members are checked one by one as well. cfg:
+    the settings, whose quarantine backend is checked as well (the hold queue's commands)."""
     failures = 0
     run_id = secrets.token_hex(6)    # a Subject of its own, so that no result comes from the scan cache
     for case in cases():
@@ -192,7 +250,7 @@ def run(address: str, timeout: float = 60.0, out=print, engines=()) -> int:
                    ("Subject", f"scanmilter self test: {case.name} {run_id}"), ("Date", email.utils.formatdate()),
                    ("Message-ID", email.utils.make_msgid(domain="outside.test"))]
         try:
-            session = Session(address, timeout)
+            session = HoldAwareSession(address, timeout)
             try:
                 answer = session.message(OUTSIDE_CLIENT, "outside.test", "selftest@outside.test",
                                          ["postmaster@example.com"], headers, case.body,
@@ -200,9 +258,42 @@ def run(address: str, timeout: float = 60.0, out=print, engines=()) -> int:
                                          connect_macros={MARK_MACRO: MARK_VALUE})
             finally:
                 session.close()
-            problem, shown = judge(case, answer)
+            problem, shown = judge(case, answer, session.hold)
         except (MilterError, OSError) as e:
             problem, shown = str(e), ""
         failures += _report(out, case.name, problem, shown, start)
     failures += check_members(engines, out)
+    if cfg is not None and cfg.quarantine_backend == "hold":
+        failures += check_hold(cfg, out)
+    if cfg is not None and cfg.quarantine_backend == "postgresql":
+        failures += check_database(cfg, out)
     return 1 if failures else 0
+
+
+def check_database(cfg, out=print) -> int:
+    """quarantine_backend = "postgresql": the database answers this host with the schema this
+    scanmilter needs, and takes a write: a probe entry written, read back and rolled back (nothing
+    stays). One PASS or FAIL line each; the number that failed."""
+    from .. import quarantine
+    start = time.monotonic()
+    try:
+        store = quarantine.open_store(cfg, command=True)
+    except quarantine.StoreError as e:
+        return _report(out, "quarantine database", str(e), "", start)
+    try:
+        database = getattr(store, "pg", store)          # quarantine_fallback = "local" wraps it
+        state = database.check_database()
+        failures = _report(out, "quarantine database", state["problem"],
+                           f"{database.describe()} answers, schema version {state['version']}", start)
+        if state["problem"]:
+            return failures
+        start = time.monotonic()
+        try:
+            database.check_write()
+            problem = ""
+        except quarantine.StoreError as e:
+            problem = str(e)
+        return failures + _report(out, "quarantine database probe entry", problem,
+                                  "written, read back and rolled back", start)
+    finally:
+        store.close()

@@ -49,8 +49,12 @@ FIELDS = (
     Field("id", "", STORE, "24 hex digits, chosen at random by the store"),
     Field("time", 0.0, STORE, "when it was held (Unix time)"),
     Field("size", 0, STORE, "the message's size in bytes"),
-    Field("released", [], STORE, "each release: {at, by, to, stripped (forged verdict headers removed)}"),
+    Field("released", [], STORE, "each release: {at, by, to, stripped (forged verdict headers removed)}, "
+                                 "and host (where it was released) in a shared store"),
+    Field("host", "", STORE, "the host that received and held it (database_host_name), in a shared store"),
+    Field("release_address", "", STORE, "that host's release service (quarantine_release_address), in a shared store"),
     Field("learned", [], COMMAND, "each lesson given to spamd: {at, by, as (ham or spam)}"),
+    Field("notified", [], COMMAND, "each digest that listed it: {to, at, nonce (its link's), host}"),
 )
 _DEFAULTS = {f.name: f.default for f in FIELDS}
 

@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS tallies (action TEXT PRIMARY KEY, count INTEGER NOT N
 _INSERT = f"INSERT OR REPLACE INTO entries ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
+
+def _like_literal(text: str) -> str:
+    """`text` for a LIKE pattern that matches it as written: its %, _ and \\ are escaped."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
 class FileStore(Store):
     """Entries as files in a directory, with an SQLite index for listing."""
 
@@ -372,9 +377,9 @@ class FileStore(Store):
                 os.close(dfd)
             return self._index(entry.meta)
 
-    def delete(self, entry_id: str, action: str = "delete") -> None:
+    def delete(self, entry_id: str, action: str = "delete", by: str = "") -> None:
         """Remove an entry; `action` (delete or purge) is what gets counted. Its metadata need
-        not be readable."""
+        not be readable. The directory keeps no history: `by` goes to the log and the events."""
         with self._lock(entry_id):
             dfd = self._dirfd()
             try:
@@ -423,11 +428,11 @@ class FileStore(Store):
             query += " AND reason = ?"
             args.append(E.index_text(reason))
         if sender:
-            query += " AND lower(sender) LIKE ?"
-            args.append(f"%{E.index_text(sender).lower()}%")
+            query += " AND lower(sender) LIKE ? ESCAPE '\\'"
+            args.append(f"%{_like_literal(E.index_text(sender).lower())}%")
         if recipient:
-            query += " AND lower(recipients) LIKE ?"
-            args.append(f"%{E.index_text(recipient).lower()}%")
+            query += " AND lower(recipients) LIKE ? ESCAPE '\\'"
+            args.append(f"%{_like_literal(E.index_text(recipient).lower())}%")
         if since is not None:
             query += " AND time >= ?"
             args.append(since)

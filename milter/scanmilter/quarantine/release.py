@@ -14,6 +14,7 @@ import re
 import smtplib
 import time
 
+from .. import events
 from ..policy import VERDICT_HEADER_PREFIXES
 from .entry import SURROGATE
 from .store import Store, StoreError
@@ -107,7 +108,9 @@ def release(store: Store, entry_id: str, address: tuple[str, int], by: str, to: 
             store.update(entry)
             store.count("release")
         except StoreError as e:
+            events.released(entry.meta, chosen, by)     # delivered all the same
             raise ReleaseError(f"delivered to {', '.join(chosen)}, but the release was not recorded: {e}") from None
+    events.released(entry.meta, chosen, by)
     return chosen
 
 

@@ -14,6 +14,7 @@ import abc
 import contextlib
 import time
 
+from .. import events
 from .entry import Entry
 
 # what the quarantine command counts, for the metrics
@@ -28,10 +29,20 @@ class NotFound(StoreError):
     pass
 
 
+class Busy(StoreError):
+    """Another host does this right now (a purge of a shared store); nothing was done here."""
+
+
 class Store(abc.ABC):
     """Held messages and their entries (entry.py). Ids come from the store; a method given an id
     that is not one, or of an entry that does not exist, raises NotFound. Every other failure is
     a StoreError."""
+
+    def __init_subclass__(cls, **kwargs):
+        # every backend's delete, purge_old and own release (the hold queue's) announce what they did
+        # to the webhooks (events.py), whoever calls them: the command, a web page
+        super().__init_subclass__(**kwargs)
+        events.watch_store_class(cls)
 
     @abc.abstractmethod
     def put(self, reader, meta: dict, index_failed=None) -> str:
@@ -64,8 +75,9 @@ class Store(abc.ABC):
         written but not yet searchable."""
 
     @abc.abstractmethod
-    def delete(self, entry_id: str, action: str = "delete") -> None:
-        """Remove an entry; `action` (delete or purge) is what gets counted."""
+    def delete(self, entry_id: str, action: str = "delete", by: str = "") -> None:
+        """Remove an entry; `action` (delete or purge) is what gets counted. `by`: who, for a
+        store that keeps a history (empty: the user running the process)."""
 
     @abc.abstractmethod
     def count(self, action: str) -> None:
@@ -96,11 +108,32 @@ class Store(abc.ABC):
         """Remove what an interrupted write left, at least `min_age` seconds old; how many."""
         return 0
 
+    # Listing a page and purging: a store that can do better than going through select() (a
+    # database: LIMIT, a lock shared by every host) overrides these.
+
+    def listing(self, limit: int = 0, offset: int = 0, **filters) -> tuple[list[Entry], int, int]:
+        """Entries of select(**filters) from `offset`, at most `limit` (0: all), the number of entries
+        that match and their bytes."""
+        entries = self.select(**filters)
+        page = entries[offset:offset + limit] if limit else entries[offset:]
+        return page, len(entries), sum(e.size for e in entries)
+
+    def purge_old(self, older_than: float, dry_run: bool = False, failed: list | None = None) -> list[Entry]:
+        """What purge() below does, for this store."""
+        return _purge_each(self, older_than, dry_run, failed)
+
+
+events.watch_store_class(Store)     # its purge_old, which most backends inherit
+
 
 def purge(store: Store, older_than: float, dry_run: bool = False, failed: list | None = None) -> list[Entry]:
     """Delete entries older than `older_than` seconds; returns those deleted (with dry_run: those
     that would be). One that cannot be deleted (permissions, a broken file) does not stop the
     rest: it is added to `failed` as (id, reason)."""
+    return store.purge_old(older_than, dry_run, failed)
+
+
+def _purge_each(store: Store, older_than: float, dry_run: bool, failed: list | None) -> list[Entry]:
     old = store.select(before=time.time() - older_than)
     if dry_run:
         return old

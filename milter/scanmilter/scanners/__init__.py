@@ -33,6 +33,7 @@ CLEAN, FOUND, ERROR, SKIPPED = "clean", "found", "error", "skipped"
 # Error kinds:
 TIMEOUT, REFUSED, PROTOCOL = "timeout", "refused", "protocol"
 CIRCUIT = "circuit"      # not tried: the engine's circuit breaker is open
+FAILED = "failed"        # the check raised inside our own process (the attachment checks: a library's surprise)
 # Skip reasons:
 SIZE = "size"            # over the engine's own size limit
 LIMITS = "limits"        # clamd stopped at one of its limits on what it unpacks (AlertExceedsMax)
@@ -44,7 +45,8 @@ CACHED = "cached"
 # The engines, slowest first (the calling thread runs the first one): name -> its module
 # (relative to this package). Each module has `from_settings(cfg)`; the engine is on when the
 # setting `<name>_enabled` is true.
-ENGINES = {"spamd": ".spamd", "rspamd": ".rspamd", "clamd": ".clamd"}
+# "files" is not a server: the attachment checks (files.py) run in our own pool beside the others.
+ENGINES = {"spamd": ".spamd", "rspamd": ".rspamd", "clamd": ".clamd", "files": ".files"}
 
 
 # Engines that score spam: their result's score is the message's spam score. One of them runs,
@@ -148,6 +150,7 @@ class ScanResult:
     rule_scores: tuple[float, ...] = ()   # rspamd: the score of each of `rules`
     action: str = ""                  # rspamd: its own action, when the admin follows it (rspamd_follow_action)
     user: str | None = None           # spamd: the per-recipient user it scanned as (spamd_user pattern)
+    report: Any = None                # files: the attachment facts (attachments.Report)
 
 
 class EngineError(Exception):
