@@ -263,3 +263,46 @@ def message(*parts: bytes, boundary: str = "=-=boundary=-=", headers: str = "") 
     for part in parts:
         body += sep + part + b"\r\n"
     return head + body + f"--{boundary}--\r\n".encode()
+
+
+# ---- what an attacker writes by hand -----------------------------------------------------------
+
+def zip_names(entries: list[tuple[bytes, bytes, bytes, bytes]]) -> bytes:
+    """A zip of (local header name, central directory name, data, central extra field) members:
+    the two names may disagree (Windows Explorer and 7-Zip go by the central directory's)."""
+    out, central = bytearray(), bytearray()
+    for local, listed, data, extra in entries:
+        packed, crc, size = deflated(data)
+        offset = len(out)
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(packed), size, len(local), 0)
+        out += local + packed
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0, crc, len(packed), size,
+                               len(listed), len(extra), 0, 0, 0, 0, offset) + listed + extra
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(central), len(out), 0)
+    return bytes(out + central + end)
+
+
+def unicode_path_field(name: str, plain: bytes) -> bytes:
+    """An Info-ZIP Unicode Path extra field (0x7075) naming `name` for the plain name `plain`."""
+    raw = name.encode()
+    return struct.pack("<HHBI", 0x7075, 5 + len(raw), 1, zlib.crc32(plain)) + raw
+
+
+def uuencoded(name: str, data: bytes, base64_form: bool = False) -> bytes:
+    """`data` as uuencode writes it into a text ("begin 644 NAME" ... "end"; -m: base64)."""
+    import binascii
+    if base64_form:
+        return (f"begin-base64 644 {name}\r\n".encode() + base64.encodebytes(data).replace(b"\n", b"\r\n")
+                + b"====\r\n")
+    lines = b"".join(binascii.b2a_uu(data[i:i + 45]).replace(b"\n", b"\r\n") for i in range(0, len(data), 45))
+    return f"begin 644 {name}\r\n".encode() + lines + b"`\r\nend\r\n"
+
+
+def yencoded(name: str, data: bytes) -> bytes:
+    """`data` as yEnc writes it into a text ("=ybegin ... name=NAME" ... "=yend")."""
+    out = bytearray()
+    for b in data:
+        c = (b + 42) & 0xFF
+        out += bytes((0x3D, (c + 64) & 0xFF)) if c in (0, 10, 13, 0x3D) else bytes((c,))
+    return (f"=ybegin line=128 size={len(data)} name={name}\r\n".encode() + bytes(out) + b"\r\n"
+            + f"=yend size={len(data)}\r\n".encode())

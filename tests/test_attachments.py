@@ -421,9 +421,10 @@ def test_unknown_transfer_encodings_and_quoted_printable():
                     b"\r\n" + qp,
                     b"Content-Type: application/octet-stream; name=b.exe\r\nContent-Transfer-Encoding: x-uuencode\r\n"
                     b"\r\nbegin 644 b.exe\r\n")
-    qpf, uuf = attached(walked(msg))
+    qpf, uuf, decoded = attached(walked(msg))
     assert qpf.size == 64 and qpf.description.startswith("MS-DOS executable") and qpf.problems == ()
     assert any("x-uuencode" in p.detail for p in uuf.problems)
+    assert decoded.name.sent == "b.exe" and decoded.part == uuf.part     # what a mail client decodes
 
 
 def test_the_part_limit_stops_the_walk():
@@ -589,3 +590,77 @@ def test_a_50_mb_message_with_a_40_mb_attachment_is_walked_in_bounded_memory(tmp
 def test_the_benchmark_helper_times_a_walk():
     r = time_walk(F.message(F.attachment(F.pdf(), filename="a.pdf")), repeat=3)
     assert r["files"] == 2 and r["problems"] == [] and 0 < r["best"] <= r["median"] < 1
+
+
+# ---- hostile encodings, boundaries and documents ---------------------------------------------------
+
+class _Dribble(io.BytesIO):
+    """A reader that hands out a few bytes at a time, so that every line and marker is split."""
+
+    def read(self, n=-1):
+        return super().read(7)
+
+
+def test_a_uuencoded_file_split_across_reads_is_found_whole():
+    import binascii
+    exe = F.pe_exe()
+    uu = b"begin 644 a.exe\r\n" + b"".join(binascii.b2a_uu(exe[i:i + 45]).replace(b"\n", b"\r\n")
+                                         for i in range(0, len(exe), 45)) + b"`\r\nend\r\n"
+    msg = b"Subject: x\r\n\r\n" + b"x" * 20000 + b"\r\nbegin here, nothing to see\r\n" + uu + b"tail\r\n"
+    for reader in (io.BytesIO(msg), _Dribble(msg)):
+        report = walk(reader, DEFAULTS)
+        [embedded] = [f for f in report.files if f.name]
+        assert embedded.name.sent == "a.exe" and embedded.size == len(exe) and embedded.detected_type == PE
+        assert embedded.part == "1" and report.all_problems() == ()
+
+
+def test_embedded_files_count_against_the_part_limit():
+    msg = b"Subject: x\r\n\r\n" + b"".join(b"=ybegin line=128 size=1 name=%d.txt\r\nK\r\n=yend\r\n" % i
+                                          for i in range(50))
+    report = walked(msg, mime_part_limit=10)
+    assert not report.complete and report.limits == ("mime_part_limit",)
+    assert len(report.files) <= 10
+
+
+def test_nested_base64_messages_are_walked_to_the_nesting_limit():
+    msg = F.message(F.attachment(F.pe_exe(), filename="deep.exe"), boundary="b0")
+    for level in range(1, 6):
+        part = (b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n" + F.b64(msg))
+        msg = F.message(part, boundary=f"b{level}")
+    report = walked(msg)
+    deep = next(f for f in report.files if f.name and f.name.sent == "deep.exe")
+    assert deep.detected_type == PE and deep.part == "2.2.2.2.2.2"
+    assert walked(msg, mime_nesting_limit=4).malformed and \
+        not any(f.name and f.name.sent == "deep.exe" for f in walked(msg, mime_nesting_limit=4).files)
+
+
+@pytest.mark.parametrize("line", [b"--\n", b"--x\r\n", b"--bx\n"])
+def test_lines_that_only_look_like_boundaries_cost_no_time_and_hide_nothing(line):
+    # every line starting with "--" used to cost a round of Python: 6 MB of them outlasted
+    # attachment_timeout, and the executable after them went through as merely "unchecked"
+    noise = line * (6_000_000 // len(line))
+    msg = F.message(b"Content-Type: text/plain\r\n\r\n" + noise, F.attachment(F.pe_exe(), filename="a.exe"),
+                    boundary="b")
+    report = walked(msg, attachment_timeout=2.0)
+    assert report.complete and report.limits == ()
+    text, exe = attached(report)
+    assert text.size == len(noise) and exe.name.sent == "a.exe" and exe.detected_type == PE
+
+
+def _ole_entry_offset(doc: bytes, sid: int) -> int:
+    """Where directory entry `sid` of a compound file built by attachment_files.ole lies."""
+    import struct
+    first_dir = struct.unpack_from("<I", doc, 0x30)[0]
+    return 512 + first_dir * 512 + sid * 128
+
+
+@pytest.mark.parametrize("link", [(1, 0x48, 1), (2, 0x4C, 0)], ids=["sibling loop", "child loop"])
+def test_an_ole_directory_that_olefile_cannot_walk_still_shows_its_macros(link):
+    # a loop in the directory's tree made olefile drop the branch holding Macros/VBA without a
+    # word: the document read as "no macros, no problem"
+    import struct
+    doc = bytearray(F.doc_with_macros())
+    sid, field, target = link                    # 0x48: right sibling, 0x4C: child
+    struct.pack_into("<I", doc, _ole_entry_offset(doc, sid) + field, target)
+    f = one(walked(F.message(F.attachment(bytes(doc), "application/msword", filename="old.doc"))))
+    assert f.macros and UNREADABLE in kinds(f.problems)

@@ -101,14 +101,21 @@ def by(driver, css):
 
 
 def submit(driver, css):
-    """Click a button that submits its form, and wait for the page that answers (Selenium's click
-    returns before the browser has navigated)."""
-    from selenium.webdriver.support import expected_conditions as EC
+    """Click a button that submits its form, and wait for the page that answers, fully loaded.
+    Selenium's click returns before the browser has navigated, and while the old document is being
+    replaced the driver may answer a question about it with an error instead of "stale"
+    (chromedriver: "Node with given id does not belong to the document"). So the old page gets a
+    mark before the click, the wait ends once the window shows a document without it, and an error
+    from the driver meanwhile means "not yet" (30 s of them fail the test)."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
-    old = driver.find_element("tag name", "html")
+    mark = uuid.uuid4().hex
+    driver.execute_script("document.documentElement.dataset.leaving = arguments[0]", mark)
     by(driver, css).click()
-    WebDriverWait(driver, 30).until(EC.staleness_of(old))
-    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script("return document.readyState === 'complete'"
+                                   " && document.documentElement.dataset.leaving !== arguments[0]", mark),
+        f"the page that answers {css}")
 
 
 def screenshot(driver, name):

@@ -28,6 +28,7 @@ from scanmilter.verdict import combine, safe_file_name
 POOL = scan_pool(8)
 OUTSIDE, INSIDE = "203.0.113.7", "127.0.0.1"
 LIMITS = Limits.defaults()
+PE = "application/vnd.microsoft.portable-executable"     # libmagic 5.44 (Debian 12)
 
 
 def load(tmp_path, text, quarantine=False):
@@ -204,17 +205,18 @@ def test_an_encrypted_zip_that_names_an_executable_is_rejected_by_the_name():
     assert outcome.reply[2] == "Message rejected: banned attachment inv.zip > invoice.exe (executable)"
 
 
-def test_a_zip_bomb_is_unchecked_tagged_by_default_and_refused_when_the_policy_says_so(tmp_path):
+def test_a_zip_bomb_is_refused_inbound_by_default_and_tagged_when_the_policy_says_so(tmp_path):
+    """Past a limit the rest of the message is unseen, and a banned file could hide there."""
     msg = F.message(F.attachment(F.zip_bomb(1 << 30), "application/zip", filename="bomb.zip"))
-    verdict, outcome = decide(msg)
-    assert (outcome.action, outcome.reason) == ("accept", "unchecked")
-    assert re.fullmatch(r"unchecked: archive_(expansion|ratio)_limit in bomb\.zip", status(verdict, outcome))
-    policy, _ = load(tmp_path, '[inbound.recipients."strict@example.com"]\nlimit_action = "reject"\n'
-                               '[inbound.recipients."later@example.com"]\nlimit_action = "tempfail"\n')
-    _, outcome = decide(msg, policy, rcpts=("strict@example.com",))
+    _, outcome = decide(msg)
     assert (outcome.action, outcome.reason) == ("reject", "unchecked")
     assert re.fullmatch(r"Message not accepted: attachment bomb\.zip could not be checked \(archive_\w+_limit\)",
                         outcome.reply[2]) and outcome.reply[:2] == ("554", "5.7.1")
+    policy, _ = load(tmp_path, '[inbound.recipients."lenient@example.com"]\nlimit_action = "tag"\n'
+                               '[inbound.recipients."later@example.com"]\nlimit_action = "tempfail"\n')
+    verdict, outcome = decide(msg, policy, rcpts=("lenient@example.com",))
+    assert (outcome.action, outcome.reason) == ("accept", "unchecked")
+    assert re.fullmatch(r"unchecked: archive_(expansion|ratio)_limit in bomb\.zip", status(verdict, outcome))
     _, outcome = decide(msg, policy, rcpts=("later@example.com",))
     assert outcome.action == "tempfail" and outcome.reply[:2] == ("451", "4.7.1")
 
@@ -503,3 +505,129 @@ def test_long_text_keeps_its_type_when_libmagic_reads_only_its_start():
     report = walk(io.BytesIO(F.message(F.attachment(script, "text/plain", filename="run.txt"),
                                        F.attachment(html, "text/html", filename="page.htm"))), LIMITS)
     assert [f.detected_type for f in report.files[1:]] == ["text/x-shellscript", "text/html"]
+
+
+# ---- ways around the checks, each through the default policy -------------------------------------
+
+JSCRIPT = b'var shell = new ActiveXObject("WScript.Shell");\r\nshell.Run("calc.exe");\r\n'
+
+
+def test_a_zip_whose_central_directory_names_a_script_its_local_header_hides_is_rejected():
+    # Windows Explorer and 7-Zip list and extract by the central directory's name; libarchive
+    # reads the local header's: "readme.txt" there, "invoice.js" for the recipient
+    hidden = F.zip_names([(b"readme.txt", b"invoice.js", JSCRIPT, b"")])
+    verdict, outcome = decide(F.message(F.attachment(hidden, filename="docs.zip")))
+    assert (outcome.action, outcome.reason) == ("reject", "banned")
+    assert "docs.zip > invoice.js" in outcome.reply[2] and "(script)" in outcome.reply[2]
+    assert [f.name.sent for f in verdict.files.files if f.container] == ["readme.txt", "invoice.js"]
+    assert any("central directory" in p.detail for p in verdict.files.all_problems() if p.kind == "malformed")
+
+
+def test_a_unicode_path_field_in_the_central_directory_is_a_name_too():
+    extra = F.unicode_path_field("invoice.js", b"readme.txt")
+    hidden = F.zip_names([(b"readme.txt", b"readme.txt", JSCRIPT, extra)])
+    verdict, outcome = decide(F.message(F.attachment(hidden, filename="docs.zip")))
+    assert (outcome.action, outcome.reason) == ("reject", "banned") and "invoice.js" in outcome.reply[2]
+
+
+def test_members_after_an_archive_limit_are_still_judged_by_their_names():
+    # a member that trips archive_ratio_limit first used to end the listing: the script after it
+    # was never seen and the message was only tagged "unchecked"
+    zeros, crc = F.deflated_zeros(4 << 20)
+    packed, js_crc, js_size = F.deflated(JSCRIPT)
+    bomb_first = F.zip_of([("zeros.txt", zeros, crc, 4 << 20), ("invoice.js", packed, js_crc, js_size)])
+    verdict, outcome = decide(F.message(F.attachment(bomb_first, filename="docs.zip")))
+    assert (outcome.action, outcome.reason) == ("reject", "banned") and "invoice.js" in outcome.reply[2]
+    js = next(f for f in verdict.files.files if f.name and f.name.sent == "invoice.js")
+    assert [str(p) for p in js.problems] == ["limit: archive_ratio_limit"]      # named, never read
+    assert verdict.files.limits == ("archive_ratio_limit",)
+
+
+@pytest.mark.parametrize("encode", [F.uuencoded, lambda n, d: F.uuencoded(n, d, True), F.yencoded],
+                         ids=["uuencode", "uuencode -m", "yenc"])
+def test_a_file_encoded_inside_a_plain_text_body_is_judged_like_an_attachment(encode):
+    # mail clients show "begin 644 NAME" (and yEnc's "=ybegin ... name=") in a text/plain body as an
+    # attachment: the walker saw only text, and the message went through as ham
+    body = b"Hello,\r\nthe invoice is attached.\r\n\r\n" + encode("invoice.pdf.exe", F.pe_exe()) + b"\r\nBye\r\n"
+    single = b"From: a@outside.test\r\nSubject: invoice\r\nContent-Type: text/plain\r\n\r\n" + body
+    for msg in (single, F.message(b"Content-Type: text/plain; charset=us-ascii\r\n\r\n" + body)):
+        verdict, outcome = decide(msg)
+        assert (outcome.action, outcome.reason) == ("reject", "banned"), outcome
+        exe = next(f for f in verdict.files.files if f.name and f.name.sent == "invoice.pdf.exe")
+        assert exe.detected_type == PE
+    script = b"From: a@outside.test\r\nSubject: x\r\n\r\nsee below\r\n" + encode("readme.txt", b"WScript.Echo 1\r\n")
+    assert decide(script)[1].action == "accept"        # an innocent name and text content stay innocent
+
+
+def test_a_base64_encoded_attached_message_is_looked_into():
+    # message/rfc822 may only be 7bit, 8bit or binary (RFC 2046), yet mail clients open a base64
+    # one; its attachments were never seen and the message was only tagged "malformed"
+    inner = F.message(F.attachment(F.pe_exe(), filename="inner.exe"), boundary="inner")
+    for encoding, body in (("base64", F.b64(inner)),
+                           ("quoted-printable", __import__("quopri").encodestring(inner.replace(b"\r\n", b"\n"))
+                            .replace(b"\n", b"\r\n"))):
+        part = (f"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: {encoding}\r\n"
+                "Content-Disposition: attachment\r\n\r\n").encode() + body
+        verdict, outcome = decide(F.message(part))
+        assert (outcome.action, outcome.reason) == ("reject", "banned"), (encoding, outcome)
+        exe = next(f for f in verdict.files.files if f.name and f.name.sent == "inner.exe")
+        assert exe.part == "2.2" and exe.detected_type == PE
+        assert any("transfer encoding" in p for p in verdict.files.malformed)     # still not what RFC 2046 allows
+
+
+@pytest.mark.parametrize("encoding", ["x-uuencode", "uuencode", "x-uue"])
+def test_a_part_in_a_uuencode_transfer_encoding_is_decoded_and_judged(encoding):
+    # Thunderbird decodes these Content-Transfer-Encodings; the walker passed the encoded text to
+    # libmagic ("begin 644 ..." is text) and the executable inside was merely "malformed"
+    part = (f"Content-Type: application/pdf; name=invoice.pdf\r\nContent-Transfer-Encoding: {encoding}\r\n"
+            "Content-Disposition: attachment; filename=invoice.pdf\r\n\r\n").encode() + F.uuencoded("invoice.pdf", F.pe_exe())
+    verdict, outcome = decide(F.message(part))
+    assert (outcome.action, outcome.reason) == ("reject", "banned"), outcome
+    assert any(f.detected_type == PE for f in verdict.files.files)
+
+
+def _symlink_zip(name: bytes, target: bytes) -> bytes:
+    """A zip whose one member is a Unix symlink: its data is the link's target."""
+    import struct
+    packed, crc, size = F.deflated(target)
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(packed), size, len(name), 0) + name
+    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, (3 << 8) | 20, 20, 0, 8, 0, 0, crc, len(packed), size,
+                          len(name), 0, 0, 0, 0, 0o120777 << 16, 0) + name
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), len(local) + len(packed), 0)
+    return local + packed + central + end
+
+
+def _symlink_tar(name: str, target: str) -> bytes:
+    import tarfile
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = tarfile.SYMTYPE, target
+        tar.addfile(info)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("archive", ["zip", "tar"])
+def test_a_link_member_is_judged_like_a_file(archive):
+    # libarchive reports a symlink, and the walk skipped every member that was not a regular file;
+    # Windows Explorer (zip) and 7-Zip (tar) ignore the Unix mode and write invoice.js with the
+    # "target" as its content: a script
+    target = F.JS.decode()
+    data = (_symlink_zip(b"invoice.js", F.JS) if archive == "zip" else _symlink_tar("invoice.js", target))
+    verdict, outcome = decide(F.message(F.attachment(data, filename=f"docs.{archive}")))
+    assert (outcome.action, outcome.reason) == ("reject", "banned"), outcome
+    assert f"docs.{archive} > invoice.js (script)" in outcome.reply[2]
+    link = next(f for f in verdict.files.files if f.container)
+    assert link.size == len(F.JS) and link.problems == ()          # listed by libarchive, with its content
+
+
+def test_a_banned_file_hidden_past_the_part_limit_is_refused_by_default(tmp_path):
+    """500 empty parts, then a script: the walk stops at mime_part_limit and never sees the script.
+    What lies past a limit is unseen, so the inbound default refuses the message rather than
+    passing it tagged."""
+    filler = [F.attachment(b"", "text/plain", filename=f"p{i}.txt") for i in range(LIMITS.mime_part_limit + 10)]
+    msg = F.message(*filler, F.attachment(b'WScript.Echo "hi"\r\n', "text/plain", filename="run.vbs"))
+    verdict, outcome = decide(msg)
+    assert not any(f.name and f.name.normal == "run.vbs" for f in verdict.files.files)     # never seen
+    assert (outcome.action, outcome.reason) == ("reject", "unchecked"), outcome
+    assert outcome.reply[:2] == ("554", "5.7.1") and "mime_part_limit" in outcome.reply[2]

@@ -147,6 +147,40 @@ def test_a_stuck_engine_thread_is_given_up_at_its_deadline():
     assert results[1].outcome == "error" and results[1].detail.startswith("timeout")
 
 
+def test_a_scan_given_up_at_its_deadline_stays_in_flight_until_its_thread_leaves_the_engine():
+    """scanmilter_scans_in_flight counts the threads inside an engine, the one a message stopped
+    waiting for too: a thread stuck in an engine shows there until it returns."""
+    import threading
+
+    import procs
+    from prometheus_client import CollectorRegistry
+    from scanmilter import pipeline as pl
+    from scanmilter.message import Spool
+    from scanmilter.metrics import Metrics
+    release = threading.Event()
+
+    class Stuck(Engine):
+        def scan(self, spool):
+            release.wait(10)
+            return self.result
+
+    stuck = Stuck("clamd", CLEAN)
+    stuck.timeout = 0.1
+    metrics = Metrics(CollectorRegistry())
+
+    def in_flight(engine):
+        return metrics.registry.get_sample_value("scanmilter_scans_in_flight", {"engine": engine})
+    old, pl.DEADLINE_GRACE = pl.DEADLINE_GRACE, 0.1
+    try:
+        results = Pipeline([Engine("spamd", HAM), stuck], POOL, metrics=metrics).scan(Spool(10, 10))
+        assert results[1].detail.startswith("timeout")
+        assert (in_flight("clamd"), in_flight("spamd")) == (1, 0)
+    finally:
+        pl.DEADLINE_GRACE = old
+        release.set()
+    assert procs.wait_until(lambda: in_flight("clamd") == 0, 10)
+
+
 def start(h, sender="<a@example.org>", rcpt="<u@example.com>"):
     h.connect("client.example", 2, ("192.0.2.1", 25))
     h.envfrom(sender)

@@ -1,7 +1,30 @@
+import logging
 import socket
+
+import pytest
 
 from scanmilter import logs, policy as P
 from scanmilter.verdict import Verdict
+
+
+@pytest.fixture
+def setup_logs():
+    """logs.setup(...) for one test, undone after it. Left in place, the handler it installs writes
+    to this test's stderr, which pytest closes after the test (every later record of any test
+    then ends in "--- Logging error ---" instead of a line), and the logger stays cut off from the
+    root."""
+    logger = logging.getLogger("scanmilter")
+    saved, installed = (logger.level, logger.propagate), []
+
+    def setup(*args):
+        logs.setup(*args)
+        installed.extend(logger.handlers)
+    yield setup
+    for handler in installed:
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
 
 
 def test_summary_line_format_and_escaping():
@@ -17,27 +40,23 @@ def test_escape_handles_undecodable_bytes_and_backslashes():
     assert logs.escape("caf\udcc3\\") == "caf\\xc3\\x5c"
 
 
-def test_syslog_target_uses_the_mail_facility(tmp_path):
+def test_syslog_target_uses_the_mail_facility(tmp_path, setup_logs):
     path = str(tmp_path / "log.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(path)
     server.settimeout(5)
     try:
-        logs.setup("syslog", "info", path)
+        setup_logs("syslog", "info", path)
         logs.log.warning("clamd is down")
         data = server.recv(4096).decode()
     finally:
         server.close()
-        logs.setup("stderr", "info")
     assert data.startswith("<20>")          # facility mail (2) * 8 + warning (4)
     assert "scanmilter[" in data and "warning: clamd is down" in data
 
 
-def test_missing_syslog_socket_falls_back_to_stderr(tmp_path, capsys):
-    logs.setup("syslog", "info", str(tmp_path / "nothing"))
-    try:
-        logs.log.info("hello")
-        err = capsys.readouterr().err
-    finally:
-        logs.setup("stderr", "info")
+def test_missing_syslog_socket_falls_back_to_stderr(tmp_path, capsys, setup_logs):
+    setup_logs("syslog", "info", str(tmp_path / "nothing"))
+    logs.log.info("hello")
+    err = capsys.readouterr().err
     assert "warning: syslog socket" in err and "hello" in err

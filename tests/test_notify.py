@@ -442,3 +442,57 @@ def test_two_hosts_on_one_postgresql_notify_each_entry_once(database, tmp_path):
         sink.close()
         for s in stores:
             s.close()
+
+
+class _RefusesQuit:
+    """A sink connection that answers QUIT with 421 instead of 221, after the digest was taken."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.conn.close()
+
+    def makefile(self, *args):
+        return self.conn.makefile(*args)
+
+    def sendall(self, data):
+        self.conn.sendall(b"421 4.3.0 going away\r\n" if data.startswith(b"221") else data)
+
+
+def test_a_digest_taken_by_the_service_is_never_sent_again_whatever_quit_gets(tmp_path):
+    """The release service takes the digest (250 after the data), then refuses QUIT: the digest
+    was sent, so its claims stay and the next run sends nothing again."""
+    sink = Sink()
+    sink._session = lambda conn, session=sink._session: session(_RefusesQuit(conn))
+    try:
+        store = Q.FileStore(str(tmp_path / "q"))
+        entry_id = put(store)
+        errors = []
+        for _ in range(2):
+            assert notify.run(store, settings(sink.port), EVERYONE, Keys(KEY), out=lambda _: None,
+                              err=errors.append) == notify.EXIT_OK
+        assert len(sink.messages) == 1 and errors == []
+        assert notify.notified(store.get(entry_id), "bob@example.com") is not None
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize("hostile", ["x@[a", ".:=@example.com.", "():@example.com"])
+def test_a_recipient_address_the_mail_library_chokes_on_stops_only_its_own_digest(tmp_path, sink, hostile):
+    """An envelope recipient that passes `deliverable` but that the email package cannot put in a
+    To header: that recipient's digest is not sent and its claim is given back; the run goes on
+    to the next recipients instead of dying with a traceback and their entries claimed."""
+    store = Q.FileStore(str(tmp_path / "q"))
+    bad = put(store, recipients=(hostile,))
+    good = put(store, recipients=("zoe@example.com",))
+    errors = []
+    assert notify.run(store, settings(sink.port), EVERYONE, Keys(KEY), out=lambda _: None,
+                      err=errors.append) == notify.EXIT_INCOMPLETE
+    assert [rcpt for rcpt, _ in sink.digests()] == [["zoe@example.com"]]
+    assert notify.notified(store.get(good), "zoe@example.com") is not None
+    assert notify.notified(store.get(bad), hostile) is None            # given back
+    assert len(errors) == 1 and "not sent" in errors[0]

@@ -636,6 +636,42 @@ def test_while_postgresql_is_down_held_mail_waits_locally_and_is_moved_once(own_
         store.close()
 
 
+def test_a_move_the_database_cuts_short_still_counts_what_it_moved(own_pg, tmp_path, monkeypatch):
+    """The daemon's count of moved entries (scanmilter_quarantine_fallback_moved_total and its log
+    line) takes in those a run moved before PostgreSQL went away in the middle of it."""
+    dsn = own_pg.create_database("cut_short")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        db.migrate(conn)
+    store = FB.FallbackStore(PG.PgStore(db.Database(dsn, connect_timeout=1), "mx1.test", "inet:127.0.0.1:10026",
+                                        "scanmilter", retry_interval=60), str(tmp_path / "local"))
+    told = []
+    store.on_moved = told.append
+    try:
+        for k in range(3):
+            put(store.local(), subject=f"w{k}", host="mx1.test")
+        real_put, stopped = store.pg.put_entry, []
+
+        def stop_after_the_first(meta, data, action):
+            fresh = real_put(meta, data, action)
+            if not stopped:
+                own_pg.stop()
+                stopped.append(meta["id"])
+            return fresh
+        monkeypatch.setattr(store.pg, "put_entry", stop_after_the_first)
+        try:
+            with pytest.raises(Q.StoreError):
+                store.move_waiting()
+        finally:
+            own_pg.start()
+        assert (store.moved, told, store.waiting()) == (1, [1], 2)
+        assert store.check_database()["problem"] == ""
+        assert store.move_waiting() == 2
+        assert (store.moved, told, store.waiting()) == (3, [1, 2], 0)
+        assert sorted(e.subject for e in store.select()) == ["w0", "w1", "w2"]
+    finally:
+        store.close()
+
+
 def test_without_fallback_held_mail_fails_fast_while_down_and_the_pool_reconnects(own_pg):
     dsn = own_pg.create_database("tempfail")
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -734,3 +770,24 @@ def measure_figures(own_pg, tmp_path, capsys):
         print(f"\n10,000 entries of {len(message)} bytes: table {size / 2**20:.0f} MiB")
         for what, seconds in figures.items():
             print(f"  {what}: {seconds:.2f} s")
+
+
+# ---------------------------------------------------------------- a deleted entry never comes back
+
+def test_a_deleted_or_purged_entry_is_never_brought_back_by_a_later_move_or_import(dsn, stores, tmp_path):
+    # the mover copies an entry and only then removes the local copy: a crash in between, or an
+    # import run again without --remove, used to put back entries an admin had deleted (a virus)
+    # or the purge had removed, held again and releasable
+    files = Q.FileStore(str(tmp_path / "q"))
+    ids = [put(files, sender=f"{n}@b.test") for n in "abc"]
+    store = stores(dsn)
+    assert store.import_from(files, action="moved") == (3, 0)     # the local copies stay, as after a crash
+    store.delete(ids[0], by="bob")
+    store.delete(ids[1], action="purge", by="timer")
+    assert store.import_from(files, remove=True, action="moved") == (0, 3)
+    assert list(files.ids_on_disk()) == []
+    assert [e.id for e in store.select()] == [ids[2]]
+    with pytest.raises(Q.NotFound, match="deleted by bob"):
+        store.get(ids[0])
+    with pytest.raises(Q.NotFound, match="purged by timer"):
+        store.get(ids[1])

@@ -430,7 +430,7 @@ def test_without_notify_the_poll_applies_a_change_within_the_interval(capsys, co
         lists_.stop()
 
 
-def test_a_reload_keeps_the_database_merged_in_and_a_conflicting_file_is_refused(capsys, conf, dsn, tmp_path):
+def test_a_reload_keeps_the_database_merged_in_and_the_file_wins_a_conflict(capsys, conf, dsn, tmp_path, records):
     assert lists(capsys, conf, "add", "block_senders", "db@blocked.test")[0] == 0
     assert lists(capsys, conf, "add", "inbound:boss@example.com", "tag_level=18", "subject_tag_level=18")[0] == 0
     lists_, holder, _ = shared(dsn, tmp_path)
@@ -440,11 +440,16 @@ def test_a_reload_keeps_the_database_merged_in_and_a_conflicting_file_is_refused
     holder.policy = lists_.adopt(new_file)
     assert {"db@blocked.test", "other@blocked.test"} <= holder.policy.block_senders
     assert "filed@blocked.test" not in holder.policy.block_senders
-    # the file now puts boss's reject_level under the database's tag_level: the reload is refused
+    # the file now puts boss's reject_level under the database's tag_level: the file applies, and
+    # boss's database settings are left out on this host, saying why (a refused reload would keep
+    # every later reload of this host refused until someone changed the database)
     conflicting = file_policy(tmp_path, POLICY.replace("reject_level = 20.0", "reject_level = 10.0"))
-    with pytest.raises(config.ConfigError, match="thresholds out of order.*tag_level 18"):
-        lists_.adopt(conflicting)
-    assert lists_.file_policy is new_file and lists_.published is holder.policy
+    holder.policy = lists_.adopt(conflicting)
+    boss = holder.policy.scope("inbound", "boss@example.com")
+    assert (boss.reject_level, boss.tag_level, boss.subject_tag_level) == (10.0, 5.0, 5.0)
+    assert "db@blocked.test" in holder.policy.block_senders
+    assert lists_.file_policy is conflicting and lists_.published is holder.policy
+    assert "thresholds out of order" in records.text and "left out on this host" in records.text
     lists_.database.close()
 
 
@@ -465,10 +470,14 @@ def test_rows_that_do_not_validate_and_implausible_states_keep_the_last_good_cop
         assert "kept@blocked.test" in holder.policy.block_senders
         assert message in records.text, records.text
     # a setting the table accepts but this host's file cannot (boss's reject_level is 20 in the file)
-    refused("INSERT INTO scanmilter_recipient_settings (direction, recipient, key, value, set_by) "
-            "VALUES ('inbound', 'boss@example.com', 'tag_level', '25.0', 'psql')", "thresholds out of order")
-    postgres.psql("DELETE FROM scanmilter_recipient_settings", dbname)
+    # is left out, and the rest applies (test_a_row_scanmilter_refuses_is_left_out_and_never_freezes_...)
+    postgres.psql("INSERT INTO scanmilter_recipient_settings (direction, recipient, key, value, set_by) "
+                  "VALUES ('inbound', 'boss@example.com', 'tag_level', '25.0', 'psql')", dbname)
     assert lists_.refresh() and lists_.copy.revision > revision
+    assert holder.policy.scope("inbound", "boss@example.com").tag_level == 5.0
+    assert "thresholds out of order" in records.text
+    postgres.psql("DELETE FROM scanmilter_recipient_settings", dbname)
+    assert lists_.refresh()
     good = holder.policy
     refused("INSERT INTO scanmilter_list_entries (list, value, added_by) VALUES "
             "('block_senders', 'a@x.test', 'psql'), ('block_senders', 'b@x.test', 'psql'), "
@@ -541,3 +550,47 @@ def test_a_schema_that_does_not_match_stops_start_up(database, tmp_path):
     with pytest.raises(db.SchemaMismatch, match="version 0, this scanmilter needs"):
         lists_.start_up()
     lists_.database.close()
+
+
+# ---------------------------------------------------------------- rows that do not fit
+def test_a_row_scanmilter_refuses_is_left_out_and_never_freezes_every_hosts_lists(capsys, conf, dsn, tmp_path,
+                                                                                  records):
+    # one row used to refuse every refresh on every host it did not fit, for good: later blocks
+    # never arrived, and a restarted daemon ran with the policy file alone (no database list at all)
+    assert lists(capsys, conf, "add", "block_senders", "kept@blocked.test")[0] == 0
+    lists_, holder, metrics = shared(dsn, tmp_path)
+    lists_.start_up()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # PostgreSQL's constraints take these (cidr's short forms, lower() of the C collation, a
+        # no-break space); scanmilter's checks do not
+        conn.execute("INSERT INTO scanmilter_list_entries (list, value, added_by) VALUES "
+                     "('block_clients', '10/8', 'psql'), ('block_senders', 'Élise@x.test', 'psql'), "
+                     "('allow_senders', 'a\u00a0b@x.test', 'psql')")
+        # valid on a host whose file says nothing of boss, not on this one (reject_level 20 in the file)
+        conn.execute("INSERT INTO scanmilter_recipient_settings (direction, recipient, key, value, set_by) VALUES "
+                     "('inbound', 'boss@example.com', 'tag_level', '25.0', 'mx2'), "
+                     "('inbound', 'anna@example.com', 'reject_level', '9.0', 'mx2')")
+    assert lists(capsys, conf, "add", "block_senders", "later@blocked.test")[0] == 0
+    for daemon, policy in ((lists_, holder), shared(dsn, tmp_path)[:2]):     # and after a restart
+        if daemon is not lists_:
+            daemon.start_up()
+        else:
+            assert daemon.refresh() is True
+        policy = policy.policy
+        assert {"kept@blocked.test", "later@blocked.test", "filed@blocked.test"} <= policy.block_senders
+        assert "élise@x.test" not in policy.block_senders and not policy.block_clients
+        assert policy.scope("inbound", "boss@example.com").tag_level == 5.0         # the file's [inbound]
+        assert policy.scope("inbound", "anna@example.com").reject_level == 9.0      # the rest applies
+        daemon.database.close()
+    text = records.text
+    assert "left out" in text and "'10/8'" in text and "Élise@x.test" in text and "boss@example.com" in text
+    assert failures(metrics) == 0
+
+
+def test_an_ipv4_address_written_as_ipv6_is_refused_as_it_would_never_match(capsys, conf, tmp_path):
+    # clients are matched as IPv4 (::ffff:203.0.113.7 arrives as 203.0.113.7): such an entry
+    # would be a block that never blocks
+    code, out, err = lists(capsys, conf, "add", "block_clients", "::ffff:203.0.113.7")
+    assert code != 0 and "203.0.113.7" in err and "IPv4" in err
+    with pytest.raises(config.ConfigError, match="IPv4"):
+        file_policy(tmp_path, POLICY + 'block_clients = ["::ffff:203.0.113.0/120"]\n')

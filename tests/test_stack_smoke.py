@@ -29,6 +29,19 @@ def test_toml_values():
     assert [toml_value(v) for v in (True, 3, 0.5, 'a"b')] == ["true", "3", "0.5", '"a\\"b"']
 
 
+def test_postfix_retries_deferred_mail_only_once_its_smtp_client_let_go():
+    """A deferred message is due again minimal_backoff_time later (whole seconds), and qmgr takes up
+    files due within the next second. At 1s it could take one up while the smtp client that
+    deferred it still held it: Postfix then parked it in the incoming queue until new mail or
+    qmgr's 300 s wakeup (test_e2e_pg's tempfailed mail waited past its 90 s for that)."""
+    main = dict(line.split(" = ", 1) for line in stacklib.POSTFIX_MAIN_CF.splitlines() if " = " in line)
+    seconds = {name: int(main[name].removesuffix("s"))
+               for name in ("queue_run_delay", "minimal_backoff_time", "maximal_backoff_time")}
+    # at least a second between the deferral and the earliest retry: backoff - 1 (whole seconds) - 1 (slack)
+    assert seconds["minimal_backoff_time"] - 2 >= 1, seconds
+    assert seconds["queue_run_delay"] <= seconds["minimal_backoff_time"] <= seconds["maximal_backoff_time"], seconds
+
+
 def test_parse_sink_dump(tmp_path):
     dump = tmp_path / "20260101000000.abcd"
     dump.write_bytes(b"X-Client-Addr: 127.0.0.1\nX-Client-Proto: ESMTP\nX-Mail-Args: <a@x.test> SIZE=9\n"

@@ -544,3 +544,43 @@ def test_on_postgresql_a_link_releases_once_and_the_events_say_who(database, tmp
         assert ("web:bob@example.com", "release") in events and events[-1] == ("web:carol@example.com", "delete")
     finally:
         store.close()
+
+
+def _within(seconds, call):
+    """call() in a thread: its result, or None when it has not returned within `seconds`."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return result[0] if result else None
+
+
+HOSTILE_BODIES = {
+    # html.parser rescans the rest of the input for each unclosed tag: hours of CPU for 1 MB
+    "unclosed tags": b"Content-Type: text/html\r\n\r\n" + b"<a " * 200000,
+    # the email package's parameter parser: tens of seconds for a 250 KB Content-Type
+    "a header of many parameters": b"Content-Type: text/plain; " + b"a=b; " * 50000 + b"\r\n\r\nhidden",
+    # nested multiparts, each with its own boundary: RecursionError in the parser (a 500 before)
+    "deeply nested parts": b"Content-Type: multipart/mixed; boundary=b0\r\n\r\n" + b"".join(
+        b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (n, n + 1) for n in range(3000)),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE_BODIES))
+def test_a_message_made_to_be_slow_to_render_costs_a_page_at_most_web_render_timeout(tmp_path, sink, kind):
+    """Held mail whose body makes Python's parsers work for minutes or hours (or crash) is rendered
+    in a child process killed after web_render_timeout: the recipient's page and the postmaster's
+    come back at once with the message's facts and the buttons, without its body; ordinary mail
+    is shown as before."""
+    site = Site(tmp_path, sink, web_render_timeout=2.0)
+    head = b"Subject: slow\r\nFrom: <x@outside.test>\r\nMIME-Version: 1.0\r\n"
+    entry_id = site.hold(body=head + HOSTILE_BODIES[kind])
+    page = _within(60, lambda: site.get(f"/r/{site.link(entry_id)}"))
+    assert page is not None, "the page did not come back within 60 s"
+    assert page.status_code == 200 and 'id="release"' in html(page) and "could not be shown" in html(page)
+    site.login()
+    admin = _within(60, lambda: site.get(f"/admin/entry/{entry_id}"))
+    assert admin is not None and admin.status_code == 200 and "could not be shown" in html(admin)
+    plain = site.hold(subject="plain")
+    shown = html(site.get(f"/r/{site.link(plain)}"))
+    assert "Buy now, plain." in shown and "could not be shown" not in shown

@@ -69,6 +69,21 @@ def start():
     webhooks.finish(timeout=0)
 
 
+@pytest.fixture
+def logged(caplog):
+    """caplog with the scanmilter logger's records, whatever earlier tests left that logger like
+    (logs.setup() cuts it off from the root; a reload sets its level)."""
+    logger = logging.getLogger("scanmilter")
+    saved = logger.propagate, logger.level
+    logger.addHandler(caplog.handler)
+    logger.propagate = False                # each record once, through caplog's handler
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.propagate = saved[0]
+    logger.setLevel(saved[1])               # not .level =: setLevel clears the logging module's cache
+
+
 def count(metrics, name, **labels) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return value or 0.0
@@ -100,6 +115,10 @@ def test_an_event_is_delivered_signed_and_the_documented_check_accepts_it(tmp_pa
     assert not verify(SECRET.encode(), later, request.body)
     assert not verify(SECRET.encode(), h, request.body, now=time.time() + 301)       # a replay, later
     assert not verify(SECRET.encode(), {}, request.body)
+    # hostile headers are refused, never an exception in the receiver's code
+    for bad in ({"X-Scanmilter-Timestamp": "9" * 5000}, {"X-Scanmilter-Signature-256": "sha256=\u00e9"},
+                {"X-Scanmilter-Timestamp": "\u0661\u0662"}):
+        assert not verify(SECRET.encode(), dict(h, **bad), request.body)
 
 
 def test_only_the_webhooks_that_ask_for_an_event_get_it(tmp_path, receiver, start):
@@ -145,7 +164,7 @@ def test_a_500_is_retried_with_the_same_body_until_accepted(tmp_path, receiver, 
     assert count(metrics, "scanmilter_webhook_failed_total", webhook="0") == 0
 
 
-def test_backoff_doubles_and_the_deadline_gives_up(tmp_path, receiver, start, caplog):
+def test_backoff_doubles_and_the_deadline_gives_up(tmp_path, receiver, start, logged):
     receiver.answer(500)
     cfg = load(tmp_path, table(receiver.url()), webhook_retry_interval=0.2, webhook_deadline=2.5)
     metrics = start(cfg)
@@ -157,20 +176,33 @@ def test_backoff_doubles_and_the_deadline_gives_up(tmp_path, receiver, start, ca
     # attempts at about 0, 0.2, 0.6, 1.4 s; the next (3.0 s) would start past the deadline (2.5 s)
     assert len(attempts) == 4 and took < 2.5 + 1.0, (len(attempts), took)
     assert count(metrics, "scanmilter_webhook_retries_total", webhook="0") == 3
-    assert "engine.up for webhook 0 not delivered after 4 attempt(s): answered 500" in caplog.text
-    assert receiver.url() not in caplog.text and "/hook" not in caplog.text
+    assert "engine.up for webhook 0 not delivered after 4 attempt(s): answered 500" in logged.text
+    assert receiver.url() not in logged.text and "/hook" not in logged.text
 
 
-def test_an_unreachable_receiver_is_retried_and_logged_without_the_urls_token(tmp_path, start, caplog):
+def test_an_unreachable_receiver_is_retried_and_logged_without_the_urls_token(tmp_path, start, logged):
     import stack as stacklib
     url = f"http://127.0.0.1:{stacklib.free_port()}/services/T0/tok3n?key=k3y"      # nothing listens there
     metrics = start(load(tmp_path, table(url), webhook_retry_interval=0.1, webhook_deadline=1.0))
-    events.engine_changed("clamd", None, True)
-    assert webhooks.finish(timeout=10) == 0
+    sender, pending_then = webhooks._sender, []
+
+    class Watch(logging.Handler):
+        def emit(self, record):
+            if "not delivered" in record.getMessage():
+                pending_then.append(sender.pending())
+    watch = Watch()
+    logging.getLogger("scanmilter").addHandler(watch)
+    try:
+        events.engine_changed("clamd", None, True)
+        assert webhooks.finish(timeout=10) == 0
+    finally:
+        logging.getLogger("scanmilter").removeHandler(watch)
+    # the line is out before the event stops being pending: finish() (a command's exit) waits for it
+    assert pending_then == [1]
     assert count(metrics, "scanmilter_webhook_failed_total", webhook="0") == 1
     assert count(metrics, "scanmilter_webhook_retries_total", webhook="0") >= 2
-    assert "Connection refused" in caplog.text
-    assert "tok3n" not in caplog.text and "k3y" not in caplog.text and "/services" not in caplog.text
+    assert "Connection refused" in logged.text
+    assert "tok3n" not in logged.text and "k3y" not in logged.text and "/services" not in logged.text
 
 
 def test_other_refusals_are_not_retried_and_redirects_are_never_followed(tmp_path, receiver, start):
@@ -192,7 +224,7 @@ def test_other_refusals_are_not_retried_and_redirects_are_never_followed(tmp_pat
 
 # ---------------------------------------------------------------- never waiting
 
-def test_a_full_queue_drops_new_events_counts_and_logs_them_once(tmp_path, receiver, start, caplog):
+def test_a_full_queue_drops_new_events_counts_and_logs_them_once(tmp_path, receiver, start, logged):
     receiver.answer("hang")
     cfg = load(tmp_path, table(receiver.url(), timeout=30.0), webhook_queue_size=2)
     metrics = start(cfg)
@@ -203,12 +235,12 @@ def test_a_full_queue_drops_new_events_counts_and_logs_them_once(tmp_path, recei
         events.engine_changed("clamd", None, True)
     assert time.monotonic() - began < 1.0
     assert count(metrics, "scanmilter_webhook_dropped_total", reason="queue_full") == 4
-    drops = [r for r in caplog.records if "queue full" in r.getMessage()]
+    drops = [r for r in logged.records if "queue full" in r.getMessage()]
     assert len(drops) == 1 and drops[0].levelno == logging.WARNING     # logged once, not per event
     assert "webhook_queue_size = 2" in drops[0].getMessage()
 
 
-def test_the_flush_at_exit_is_bounded_and_drops_the_rest(tmp_path, receiver, start, caplog):
+def test_the_flush_at_exit_is_bounded_and_drops_the_rest(tmp_path, receiver, start, logged):
     receiver.answer("hang")
     cfg = load(tmp_path, table(receiver.url(), timeout=60.0), webhook_flush_timeout=0.5)
     metrics = start(cfg)
@@ -219,7 +251,7 @@ def test_the_flush_at_exit_is_bounded_and_drops_the_rest(tmp_path, receiver, sta
     assert webhooks.finish() == 2
     assert 0.4 < time.monotonic() - began < 2.0
     assert count(metrics, "scanmilter_webhook_dropped_total", reason="exit") == 2
-    assert "2 event(s) not delivered within webhook_flush_timeout (0.5s) at exit: dropped" in caplog.text
+    assert "2 event(s) not delivered within webhook_flush_timeout (0.5s) at exit: dropped" in logged.text
     webhooks.emit(events.ENGINE_UP, {})         # after finish: nothing, no error
     assert not webhooks.wanted(events.ENGINE_UP)
 
@@ -543,7 +575,7 @@ class OldClamd:
         return 27000, self.built
 
 
-def test_an_old_clamd_database_is_announced_once_per_crossing(tmp_path, receiver, start, caplog):
+def test_an_old_clamd_database_is_announced_once_per_crossing(tmp_path, receiver, start, logged):
     from fakes import POOL
     from scanmilter.handler import Runtime
     from scanmilter.pipeline import Pipeline
@@ -556,7 +588,7 @@ def test_an_old_clamd_database_is_announced_once_per_crossing(tmp_path, receiver
     data = receiver.wait_event(events.DATABASE_OLD).json()["data"]
     assert data["version"] == 27000 and data["limit_seconds"] == 86400
     assert 2 * 86400 <= data["age_seconds"] < 2 * 86400 + 60
-    assert "clamd's signature database 27000 was built 2.0 days ago" in caplog.text
+    assert "clamd's signature database 27000 was built 2.0 days ago" in logged.text
     clamd.built = time.time()                           # freshclam ran
     app.check(runtime)
     clamd.built = time.time() - 3 * 86400               # and stopped again
@@ -580,10 +612,10 @@ def test_without_webhooks_nothing_is_built_or_queued(monkeypatch):
     events.deleted(None, "x", "delete", "me")
 
 
-def test_an_event_that_cannot_be_built_never_reaches_the_caller(tmp_path, receiver, start, caplog):
+def test_an_event_that_cannot_be_built_never_reaches_the_caller(tmp_path, receiver, start, logged):
     start(load(tmp_path, table(receiver.url())))
     events.quarantined(None, "x", "files", 1)          # a bug's input: logged, not raised
-    assert "could not announce quarantined" in caplog.text
+    assert "could not announce quarantined" in logged.text
     events.engine_changed("clamd", None, True)
     receiver.wait_event(events.ENGINE_UP)
 
@@ -607,3 +639,74 @@ def test_emitting_from_many_threads_never_blocks_while_the_receiver_hangs(tmp_pa
     receiver.wait(lambda: receiver.hanging == 1, "the receiver holding one request")
     dropped = count(metrics, "scanmilter_webhook_dropped_total", reason="queue_full")
     assert dropped >= 400 - 51 and webhooks.wanted(events.VIRUS)
+
+
+class Dribbler:
+    """A receiver that reads the request, then answers its status line a byte every 50 ms for ever:
+    every read of the answer gets a byte well within the webhook's timeout."""
+
+    def __init__(self):
+        import socket
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stop, self.cut = threading.Event(), threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._dribble, args=(conn,), daemon=True).start()
+
+    def _dribble(self, conn):
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(b"HTTP/1.1 200 ")
+                while not self.stop.wait(0.05):
+                    conn.sendall(b"O")
+            except OSError:                 # the sender gave up on this answer
+                self.cut.set()
+
+    def close(self):
+        self.stop.set()
+        self.listener.close()
+
+
+def test_a_receiver_dribbling_its_answer_is_cut_at_the_timeout_and_delays_no_other_webhook(
+        tmp_path, receiver, start):
+    """requests' timeout bounds each read, not the answer: a receiver sending a byte every 50 ms
+    held the one sending thread (every webhook's events) for as long as it liked. Each attempt is
+    now cut at the webhook's timeout, so the next webhook gets its event within seconds."""
+    slow = Dribbler()
+    try:
+        cfg = load(tmp_path, table(slow.url(), name="slow", timeout=1.0) + table(receiver.url(), name="fine"),
+                   webhook_retry_interval=30.0)
+        metrics = start(cfg)
+        began = time.monotonic()
+        events.engine_changed("clamd", None, True)
+        receiver.wait_event(events.ENGINE_UP, timeout=15)
+        assert time.monotonic() - began < 15
+        assert slow.cut.wait(10), "the dribbling answer was never cut"
+        receiver.wait(lambda: count(metrics, "scanmilter_webhook_retries_total", webhook="slow") == 1,
+                      "the cut attempt counted for a retry", 10)
+    finally:
+        slow.close()
+
+
+def test_a_url_path_that_requests_re_encodes_never_reaches_the_log(tmp_path, start, logged):
+    """requests names the URL in its errors as it sent it, percent-encoded: a path or query with
+    a character it encodes (or a %XX it decodes) must be hidden in that form too."""
+    import stack as stacklib
+    url = f"http://127.0.0.1:{stacklib.free_port()}/services/t\u00f6k3n|x?key=%41k3y|z"      # nothing listens there
+    start(load(tmp_path, table(url), webhook_retry_interval=0.1, webhook_deadline=0.5))
+    events.engine_changed("clamd", None, True)
+    assert webhooks.finish(timeout=10) == 0
+    assert "Connection refused" in logged.text
+    for secret in ("k3n", "%C3%B6", "k3y", "services"):
+        assert secret not in logged.text, secret

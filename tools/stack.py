@@ -122,8 +122,13 @@ message_size_limit = 104857600
 mailbox_size_limit = 0
 virtual_mailbox_limit = 0
 queue_run_delay = 1s
-minimal_backoff_time = 1s
-maximal_backoff_time = 2s
+# A deferred message is due again minimal_backoff_time later (whole seconds), and a queue scan takes
+# up files due within the next second. At 1s a scan can take one up while the smtp client that
+# deferred it still holds it open: qmgr then logs "skipped, still being delivered" and parks it
+# in the incoming queue, looked at again only when new mail arrives or qmgr wakes (300 s). 3s
+# leaves the client over a second to let go.
+minimal_backoff_time = 3s
+maximal_backoff_time = 3s
 smtpd_milters = {milter}
 non_smtpd_milters = {milter}
 milter_default_action = tempfail

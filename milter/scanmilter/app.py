@@ -109,6 +109,7 @@ def watch_store(store, metrics) -> None:
             metrics.quarantine_backend_seconds.labels(operation).observe(seconds)
     if hasattr(store, "move_waiting"):
         store.on_fallback = metrics.quarantine_fallback_stored.inc
+        store.on_moved = metrics.quarantine_fallback_moved.inc
 
 
 def mover(runtime) -> None:
@@ -119,17 +120,16 @@ def mover(runtime) -> None:
         if not hasattr(store, "move_waiting") or store.down:
             continue
         failed: list[tuple[str, str]] = []
+        before = store.moved        # a run the database cuts short has moved some all the same
         try:
-            moved = store.move_waiting(failed)
+            store.move_waiting(failed)
         except quarantine.StoreError as e:
             log.warning("quarantine: moving the local fallback store into PostgreSQL: %s; trying again in %.0fs",
                         logs.escape(str(e), 1000), runtime.cfg.quarantine_fallback_interval)
-            continue
         except Exception:   # the mover must never take the daemon down
             log.exception("quarantine: moving the local fallback store failed")
-            continue
+        moved = store.moved - before
         if moved:
-            runtime.metrics.quarantine_fallback_moved.inc(moved)
             log.info("quarantine: moved %d entries from the local fallback store into PostgreSQL", moved)
         for entry_id, reason in failed:
             log.warning("quarantine: entry %s stays in the local fallback store: %s", entry_id,

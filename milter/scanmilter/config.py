@@ -274,6 +274,9 @@ DAEMON_SETTINGS = [
     Setting("web_page_size", 50, "count", "entries per page of the postmasters' list"),
     Setting("web_bulk_limit", 200, "count", "most entries one bulk action of the postmasters' list acts on"),
     Setting("web_preview_limit", 256 * KiB, "bytes", "text of a message body shown at most (the rest is cut)"),
+    Setting("web_render_timeout", 5.0, "seconds",
+            "longest the page spends making one held message into text (in a child process, killed past it; "
+            "the page then shows the entry without its body)"),
     Setting("web_metrics_address", "127.0.0.1:9926", "address",
             "HOST:PORT of the web page's own Prometheus /metrics (web actions, logins); empty: no endpoint"),
     Setting("metrics_address", "127.0.0.1:9925", "address",
@@ -364,9 +367,14 @@ DAEMON_SETTINGS = [
 def _cidrs(v: list) -> str | None:
     for item in v:
         try:
-            ipaddress.ip_network(item, strict=False)
+            net = ipaddress.ip_network(item, strict=False)
         except ValueError:
             return f"{item!r} is not a network (CIDR such as 192.0.2.0/24 or 2001:db8::/32)"
+        # a client that Postfix shows as ::ffff:a.b.c.d is matched as a.b.c.d, so such an
+        # entry would never match anyone (a block that never blocks)
+        if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped is not None:
+            four = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
+            return f"{item!r} is an IPv4 network written as IPv6, and clients are matched as IPv4: write {four}"
     return None
 
 
@@ -421,9 +429,11 @@ DIRECTION_SETTINGS = [
     Setting("malformed_action", "tag", "choice",
             "broken MIME (a missing boundary, bad base64, nesting past mime_nesting_limit): tag (accept marked "
             "malformed), tempfail (451 4.6.0), reject (554 5.6.0) or quarantine", choices=PROBLEM_ACTIONS),
-    Setting("limit_action", "tag", "choice",
+    Setting("limit_action", "reject", "choice",
             "an attachment check stopped at a limit (archive_depth_limit, archive_expansion_limit, a bomb, "
-            "attachment_timeout...): tag (accept marked unchecked), tempfail, reject or quarantine",
+            "mime_part_limit, attachment_timeout...): reject (554 5.7.1 unchecked_reply: what lies past a limit "
+            "was never seen, so a banned file could hide there), tag (accept marked unchecked), tempfail or "
+            "quarantine (outbound default: tag)",
             choices=PROBLEM_ACTIONS),
     Setting("unreadable_action", "tag", "choice",
             "an archive or document its reader could not read: tag (accept marked unchecked), tempfail, reject "
@@ -450,6 +460,7 @@ OUTBOUND_DEFAULTS = {
                   "please contact your postmaster",
     "banned_reply": "Your message was not sent: attachment {file} is not allowed ({rule}); please contact your "
                     "postmaster",
+    "limit_action": "tag",
 }
 
 DIRECTIONS_SETTINGS = [

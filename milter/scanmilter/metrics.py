@@ -71,6 +71,9 @@ class Metrics:
                                       buckets=SIZE_BUCKETS, registry=r)
         self.connections_in_flight = Gauge("scanmilter_connections_in_flight", "Open milter sessions", registry=r)
         self.messages_in_flight = Gauge("scanmilter_messages_in_flight", "Transactions in progress", registry=r)
+        self.scans_in_flight = Gauge("scanmilter_scans_in_flight",
+                                     "Engine scans running, also those a message stopped waiting for",
+                                     ["engine"], registry=r)
         self.callback_exceptions = Counter("scanmilter_callback_exceptions_total",
                                            "Bugs caught at the milter callback boundary", ["callback"], registry=r)
         self.quarantine_entries = Gauge("scanmilter_quarantine_entries", "Entries held, by reason", ["reason"],

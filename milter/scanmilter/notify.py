@@ -13,8 +13,9 @@ Never twice: before a digest is sent, each of its entries is claimed for that re
 entry's lock in the store (the file lock of the file store, the row lock of PostgreSQL, the entry
 lock of the hold backend): a record {to, at, nonce, host} is added to the entry's "notified" list,
 unless one for that recipient is there already, in which case another run (on this host or
-another) has it. A digest whose sending fails gives its claims back, so the next run lists them
-again. A run that dies between the claim and the send loses that notice (the entry stays held and
+another) has it. A digest whose sending fails (or that cannot be composed) gives its claims back,
+so the next run lists them again; one the release service took counts as sent, whatever QUIT
+gets. A run that dies between the claim and the send loses that notice (the entry stays held and
 listed on the web page): a digest is sent at most once, never twice. The nonce is the link's: the
 web page marks the record used when the link acts, and refuses it after that.
 
@@ -168,10 +169,14 @@ def release_service(cfg) -> tuple[str, int]:
 
 
 def send(address: tuple[str, int], sender: str, recipient: str, msg: EmailMessage, timeout: float) -> None:
-    """Hand one digest to the release service; OSError or smtplib.SMTPException when it is not taken."""
+    """Hand one digest to the release service; OSError or smtplib.SMTPException when it is not taken.
+    Once the service has taken it (its answer to the end of the data), nothing that happens at QUIT
+    counts: a refused or timed-out QUIT must not give the claims back, or the next run sends the
+    digest a second time."""
     utf8 = not recipient.isascii()
     data = msg.as_bytes()
-    with smtplib.SMTP(address[0], address[1], timeout=timeout) as smtp:
+    smtp = smtplib.SMTP(address[0], address[1], timeout=timeout)
+    try:
         smtp.ehlo()
         options = []
         if utf8:
@@ -181,6 +186,11 @@ def send(address: tuple[str, int], sender: str, recipient: str, msg: EmailMessag
         if not data.isascii() and smtp.has_extn("8bitmime"):
             options.append("BODY=8BITMIME")
         smtp.sendmail(sender, [recipient], data, mail_options=options)
+    finally:
+        try:
+            smtp.quit()
+        except (OSError, smtplib.SMTPException):
+            smtp.close()
 
 
 # ---- a run
@@ -224,10 +234,18 @@ def run(store, cfg, rules, keys=None, now: float | None = None, dry_run: bool = 
                 link = f"{cfg.web_base_url.rstrip('/')}/r/{keys.sign(entry.id, rcpt, expires, nonce)}"
             items.append(item(entry, link, admin_only))
         try:
-            send(address, sender, rcpt, compose(env, sender, rcpt, items, more, cfg), cfg.quarantine_release_timeout)
-        except (OSError, smtplib.SMTPException, UnicodeError, ValueError) as e:
+            digest = compose(env, sender, rcpt, items, more, cfg)
+        except Exception as e:      # hostile text the email package cannot make a header of; a template's error
+            problem = f"cannot be composed: {type(e).__name__}: {e}"
+        else:
+            try:
+                send(address, sender, rcpt, digest, cfg.quarantine_release_timeout)
+                problem = ""
+            except (OSError, smtplib.SMTPException, UnicodeError, ValueError) as e:
+                problem = str(e)
+        if problem:
             failed += 1
-            err(f"scanmilter: notify {escape(rcpt)}: not sent ({escape(str(e), 500)}); its {len(claims)} "
+            err(f"scanmilter: notify {escape(rcpt)}: not sent ({escape(problem, 500)}); its {len(claims)} "
                 "entries wait for the next run")
             for entry, nonce in claims:
                 try:

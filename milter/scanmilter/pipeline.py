@@ -113,7 +113,13 @@ class Pipeline:
                 return cached
         if self.health is not None and self.health.is_open(engine.name):
             return _as(breaker_result(engine.name), user)   # a dead engine costs nothing while its circuit is open
-        result = _as(engine.scan(spool), user)
+        if self.metrics is None:
+            result = _as(engine.scan(spool), user)
+        else:
+            # counted until the engine returns, also when the message stopped waiting for it: a
+            # thread stuck in an engine shows here until the engine's own timeout ends it
+            with self.metrics.scans_in_flight.labels(engine.name).track_inprogress():
+                result = _as(engine.scan(spool), user)
         if key is not None and not _timed_out(result):
             self.cache.put(engine.name, key, result)
         return result

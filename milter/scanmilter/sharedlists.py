@@ -15,10 +15,14 @@ of the `database_*` settings and merges them into the policy of `policy_file`:
 
 Every row is validated as the policy file's values are (config.validate, the same regular
 expressions), and the merged policy passes the same rule checks (thresholds in order, the
-quarantine present). A row that fails, a database that cannot be reached, a revision that goes
-back, another database instance, more than `shared_lists_entry_limit` rows: the refresh fails
-and the last good copy stays in force; before any good copy the file policy alone applies. The
-policy never empties silently. `scanmilter_shared_lists_age_seconds` says how old the copy is.
+quarantine present). A row that fails validation (written past scanmilter's checks) is left out,
+and so are the settings of a recipient that break this host's rules (each host has its own
+file): each is named in a warning, and the rest of the copy applies, so that one row can never
+hold back every later change on every host, nor leave a restarted daemon without any database
+entry. A database that cannot be reached, a revision that goes back, another database instance,
+more than `shared_lists_entry_limit` rows: the refresh fails and the last good copy stays in
+force; before any good copy the file policy alone applies. The policy never empties silently.
+`scanmilter_shared_lists_age_seconds` says how old the copy is.
 
 A host polls one row (scanmilter_lists_state: instance and revision) every
 `shared_lists_refresh_interval` seconds and reads the tables only when the revision moved; a
@@ -113,6 +117,7 @@ class Copy:
     changed_at: datetime
     entries: tuple[Entry, ...] = ()
     settings: tuple[RecipientSetting, ...] = ()
+    left_out: tuple[str, ...] = ()          # rows that failed validation, each saying why (not applied)
 
 
 def check_text(what: str, text: str, limit: int) -> str:
@@ -181,30 +186,42 @@ def read_state(conn) -> tuple[str, int, datetime]:
 
 
 def read(conn, limit: int, state: tuple | None = None) -> Copy:
-    """The lists and settings, validated row by row; ConfigError names a row that fails, and
+    """The lists and settings, validated row by row. A row that fails (one that PostgreSQL's
+    constraints let through, written with psql: cidr's short forms such as '10/8', an upper-case
+    letter that lower() of the C collation keeps) is left out of the copy and named in
+    `Copy.left_out`: one such row must not keep every other row of every host from applying.
     Implausible says when there are more than `limit` rows. Call it in one transaction with
     read_state (REPEATABLE READ: one snapshot)."""
     instance, revision, changed_at = state or read_state(conn)
-    entries = []
+    entries, settings, left_out, rows = [], [], [], 0
     for name, value, by, at, comment, role in conn.execute(_ENTRIES, (limit + 1,)).fetchall():
+        rows += 1
         where = f"database, list `{name}` {value!r} (added by {by} at {when(at)})"
-        if check_entry(name, value, where) != value:
-            raise ConfigError(f"{where}: not stored in its normal form")
+        try:
+            if check_entry(name, value, where) != value:
+                raise ConfigError(f"{where}: not stored in its normal form")
+        except ConfigError as e:
+            left_out.append(str(e))
+            continue
         entries.append(Entry(name, value, by, at, comment, role))
-    settings = []
     for direction, recipient, key, text, by, at, comment, role in conn.execute(_SETTINGS, (limit + 1,)).fetchall():
+        rows += 1
         where = f'database, [{direction}.recipients."{recipient}"] {key} = {text} (set by {by} at {when(at)})'
         try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            raise ConfigError(f"{where}: not a TOML value") from None
-        checked = check_setting(direction, recipient, key, value, where)
-        if checked[1] != recipient:
-            raise ConfigError(f"{where}: the recipient is not in lower case")
+            try:
+                value = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(f"{where}: not a TOML value") from None
+            checked = check_setting(direction, recipient, key, value, where)
+            if checked[1] != recipient:
+                raise ConfigError(f"{where}: the recipient is not in lower case")
+        except ConfigError as e:
+            left_out.append(str(e))
+            continue
         settings.append(RecipientSetting(direction, recipient, key, checked[3], by, at, comment, role))
-    if len(entries) + len(settings) > limit:
+    if rows > limit:
         raise Implausible(f"the database holds more than shared_lists_entry_limit ({limit}) entries and settings")
-    return Copy(instance, revision, changed_at, tuple(entries), tuple(settings))
+    return Copy(instance, revision, changed_at, tuple(entries), tuple(settings), tuple(left_out))
 
 
 def read_database(database, limit: int, check_schema: bool = True) -> Copy:
@@ -223,6 +240,8 @@ class SharedPolicy(Policy):
     database: Copy | None = None
     # (direction, recipient) -> {key: RecipientSetting}: the database settings in force
     from_database: dict = field(default_factory=dict)
+    # (direction, recipient) -> why its database settings are not in force on this host
+    left_out: dict = field(default_factory=dict)
 
     def scope(self, direction: str, recipient: str) -> Scope:
         s = Policy.scope(self, direction, recipient)
@@ -236,10 +255,44 @@ class SharedPolicy(Policy):
 
 
 def merge(file_policy: Policy, copy: Copy | None) -> tuple[Policy, list[str]]:
-    """(the policy in force, warnings the database adds). ConfigError when the merged policy
-    breaks a rule the file must keep (thresholds out of order, a quarantine this host lacks)."""
+    """(the policy in force, warnings the database adds). A recipient whose database settings
+    break a rule the file must keep on this host (thresholds out of order against the file's
+    values, a quarantine this host lacks) keeps the file's settings alone, and a warning says so:
+    hosts have files of their own, and a row that fits one must not stop every other row from
+    applying on the others. Those recipients are in the result's `left_out`."""
     if copy is None:
         return file_policy, []
+    warnings = [f"{why}: left out" for why in copy.left_out]
+    merged, taken = _combine(file_policy, copy, frozenset())
+    where = _where(file_policy, taken)
+    before = set(policyfile._check_rules(file_policy, {}, where))
+    try:
+        found = policyfile._check_rules(merged, {}, where)
+    except ConfigError:
+        bad = {scope: why for scope in taken if (why := _scope_problem(file_policy, merged, scope, where))}
+        merged, taken = _combine(file_policy, copy, frozenset(bad))
+        merged = dataclasses.replace(merged, left_out=bad)
+        warnings += [f"{why}; the database's settings for {scope[0]}:{escape(scope[1])} are left out on this host"
+                     for scope, why in bad.items()]
+        found = policyfile._check_rules(merged, {}, where)
+    return merged, warnings + [w for w in found if w not in before]
+
+
+def _scope_problem(file_policy: Policy, merged: Policy, scope: tuple[str, str], where) -> str:
+    """Why one recipient's merged settings break the rules on this host, or ""."""
+    direction, recipient = scope
+    recipients = {d: {} for d in DIRECTIONS}
+    recipients[direction] = {recipient: merged.recipients[direction][recipient]}
+    probe = dataclasses.replace(file_policy, recipients=recipients)
+    try:
+        policyfile._check_rules(probe, {}, where)
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+def _combine(file_policy: Policy, copy: Copy, skip: frozenset) -> tuple[SharedPolicy, dict]:
+    """The file's policy with the copy merged in, but the settings of the recipients in `skip`."""
     lists: dict[str, Any] = {}
     for name in LISTS:
         mine = [e.value for e in copy.entries if e.list == name]
@@ -253,17 +306,14 @@ def merge(file_policy: Policy, copy: Copy | None) -> tuple[Policy, list[str]]:
     taken: dict[tuple[str, str], dict[str, RecipientSetting]] = {}
     for s in copy.settings:
         in_file = file_policy.recipients.get(s.direction, {}).get(s.recipient, {})
-        if s.key in in_file:
+        if s.key in in_file or (s.direction, s.recipient) in skip:
             continue             # the file wins for the same recipient and key
         recipients[s.direction].setdefault(s.recipient, {})[s.key] = s.value
         taken.setdefault((s.direction, s.recipient), {})[s.key] = s
     merged = SharedPolicy(**{f.name: getattr(file_policy, f.name) for f in dataclasses.fields(Policy)}
                           | lists | {"recipients": recipients},
                           file=file_policy, database=copy, from_database=taken)
-    where = _where(file_policy, taken)
-    before = set(policyfile._check_rules(file_policy, {}, where))
-    warnings = [w for w in policyfile._check_rules(merged, {}, where) if w not in before]
-    return merged, warnings
+    return merged, taken
 
 
 def _where(file_policy: Policy, taken: dict):

@@ -7,10 +7,11 @@ logged at most once a minute. The sending thread goes through one requests.Sessi
 retries of its own (max_retries=0) and no redirects (allow_redirects=False): it retries a failed
 delivery itself, with exponential backoff from webhook_retry_interval, until webhook_deadline
 after the event, and each attempt waits at most the webhook's timeout (and never past the
-deadline). A retry waits in a heap of its own, so a dead receiver delays the other webhooks'
-events by its timeouts only. A short-lived command (the quarantine command) calls `finish` at
-exit: it waits at most webhook_flush_timeout for the queue to empty, then drops the rest with a
-warning, so it never hangs on a dead receiver.
+deadline) for the whole answer: a receiver that dribbles it is cut off then. A retry waits in a
+heap of its own, so a dead receiver delays the other webhooks' events by its timeouts only. A
+short-lived command (the quarantine command) calls `finish` at exit: it waits at most
+webhook_flush_timeout for the queue to empty, then drops the rest with a warning, so it never
+hangs on a dead receiver.
 
 Signing, as GitHub's and Stripe's webhooks do: each attempt carries its Unix time in
 X-Scanmilter-Timestamp and HMAC-SHA256(secret, TIMESTAMP + "." + BODY) in
@@ -128,7 +129,6 @@ class Sender:
 
     def __init__(self, cfg, hooks: list[Hook], metrics=None, host: str = ""):
         import requests
-        from requests.adapters import HTTPAdapter
         self.metrics, self.host = metrics, host or socket.gethostname()
         self.queue_size = cfg.webhook_queue_size
         self.queue: queue.Queue[Delivery] = queue.Queue(maxsize=self.queue_size)
@@ -141,7 +141,7 @@ class Sender:
         self._closed = False                          # flushed: the thread stops, what is left was dropped
         self.session = requests.Session()
         self.session.trust_env = False      # no proxy or .netrc credentials from the environment
-        adapter = HTTPAdapter(max_retries=0, pool_connections=4, pool_maxsize=1)
+        adapter = _adapter()
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.configure(cfg, hooks)
@@ -224,12 +224,14 @@ class Sender:
             item.due = time.monotonic() + delay
             heapq.heappush(self._retries, item)
             return
-        self._count("webhook_failed", hook.label)
-        self._finished()
         why = "" if not retry else " (too many waiting for a retry)" if len(self._retries) >= self.queue_size \
             else f" (webhook_deadline {self.deadline:.0f}s reached)"
+        # logged before it stops being pending: a command's finish() returns, and its process may
+        # end, as soon as nothing is pending, and must not take this line with it
         self._say(f"failed:{hook.label}", "webhooks: %s for webhook %s not delivered after %d attempt(s): %s%s",
                   item.event, hook.label, item.attempts, problem, why)
+        self._count("webhook_failed", hook.label)
+        self._finished()
 
     def _post(self, item: Delivery, timeout: float) -> tuple[str, bool]:
         """("" , _) when the receiver took it; else (what went wrong, whether to try again)."""
@@ -238,6 +240,14 @@ class Sender:
         headers = {"Content-Type": "application/json", "User-Agent": f"scanmilter/{__version__}",
                    EVENT_HEADER: item.event, DELIVERY_HEADER: item.id, TIMESTAMP_HEADER: timestamp,
                    SIGNATURE_HEADER: sign(item.hook.secret, timestamp, item.body)}
+        # requests' timeout bounds each read, not the answer: a receiver sending a byte now and then
+        # (or "100 Continue" after "100 Continue") would keep this thread, every webhook's events,
+        # for as long as it liked. At the timeout the attempt's socket is shut down.
+        me, cut = threading.get_ident(), threading.Event()
+        _in_use.pop(me, None)
+        timer = threading.Timer(timeout, lambda: (cut.set(), _shut(_in_use.get(me))))
+        timer.daemon = True
+        timer.start()
         try:
             # stream: the body of the answer is never read, only its status
             with self.session.post(item.hook.url, data=item.body, headers=headers, timeout=timeout,
@@ -246,7 +256,14 @@ class Sender:
         except requests.exceptions.Timeout:
             return f"no answer within {timeout:.1f}s", True
         except requests.exceptions.RequestException as e:
+            if cut.is_set():
+                return f"no complete answer within {timeout:.1f}s", True
             return escape(_without_path(f"{type(e).__name__}: {e}", item.hook.url), 300), True
+        finally:
+            timer.cancel()
+            _in_use.pop(me, None)
+        if cut.is_set():            # what was read before the cut may be a status line cut short
+            return f"no complete answer within {timeout:.1f}s", True
         if 200 <= status < 300:
             return "", False
         if 300 <= status < 400:
@@ -305,13 +322,69 @@ class Sender:
         return left
 
 
+_in_use: dict[int, object] = {}         # a sending thread's id -> the connection of its attempt
+
+
+def _shut(connection) -> None:
+    """Shut down a connection's socket: a read blocked on it returns at once (closing it would not
+    wake the read). The plain socket's shutdown, so that a TLS socket is cut the same way."""
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _adapter():
+    """requests' HTTPAdapter (no retries of its own) whose connections record, in _in_use, the
+    thread that uses them: what Sender._post shuts down at an attempt's timeout."""
+    from requests.adapters import HTTPAdapter
+    from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+
+    def recorded(cls):
+        class Recorded(cls):
+            def connect(self):
+                _in_use[threading.get_ident()] = self
+                super().connect()
+
+            def request(self, *args, **kwargs):
+                _in_use[threading.get_ident()] = self
+                return super().request(*args, **kwargs)
+        return Recorded
+
+    class HTTPPool(HTTPConnectionPool):
+        ConnectionCls = recorded(HTTPConnection)
+
+    class HTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = recorded(HTTPSConnection)
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
+
+    return Adapter(max_retries=0, pool_connections=4, pool_maxsize=1)
+
+
 def _without_path(text: str, url: str) -> str:
     """An error's text without the URL's path and query, which may be the credential (requests
-    names the URL in its errors)."""
+    names the URL in its errors, as it sent it: percent-encoded, so both forms are hidden)."""
     from urllib.parse import urlsplit
-    parts = urlsplit(url)
-    for secret in sorted({parts.path + ("?" + parts.query if parts.query else ""), parts.path, parts.query},
-                         key=len, reverse=True):
+    import requests
+    forms = [url]
+    try:
+        prepared = requests.models.PreparedRequest()
+        prepared.prepare_url(url, None)
+        forms.append(prepared.url)
+    except (requests.exceptions.RequestException, ValueError):
+        pass
+    hidden = set()
+    for form in forms:
+        parts = urlsplit(form)
+        hidden |= {parts.path + ("?" + parts.query if parts.query else ""), parts.path, parts.query}
+    for secret in sorted(hidden, key=len, reverse=True):
         if len(secret.strip("/")) > 0:
             text = text.replace(secret, "/****")
     return text

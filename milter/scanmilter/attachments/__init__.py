@@ -7,8 +7,8 @@ one FileFacts per leaf MIME part and per archive member, plus the message's own 
 (malformed MIME, limits reached). It decides nothing; the policy does.
 
 Modules: parts.py (streaming MIME walk and decoding), names.py (file names out of headers and
-their normal form), detect.py (libmagic), office.py (VBA macros, olefile), archives.py
-(libarchive), blob.py (first bytes in memory, whole file on disk only when needed), limits.py
+their normal form), embedded.py (uuencode and yEnc inside a text), detect.py (libmagic),
+office.py (VBA macros, olefile), archives.py (libarchive, and a zip's central directory), blob.py (first bytes in memory, whole file on disk only when needed), limits.py
 (the named limits and the budget of one walk), walker.py (judging each file), bench.py (timing).
 """
 from .facts import (ARCHIVE, CONTENT_TYPE, DISPOSITION, ENCRYPTED, LIMIT, MALFORMED, PROBLEM_KINDS, UNREADABLE,

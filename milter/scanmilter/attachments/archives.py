@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import re
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -103,6 +104,7 @@ class Member:
     blob: Blob
     encrypted: bool = False
     problem: tuple[str, str] | None = None     # (kind, detail) when its data could not be read
+    unread: bool = False                       # known by name only (a zip's central directory)
 
 
 def _error(e: Exception) -> str:
@@ -126,8 +128,25 @@ def members(blob: Blob, facts: FileBuilder, budget: Budget, raw_name: str | None
     """The members of the archive in `blob`, each read into `new_blob(name)` before it is yielded
     (the caller judges it, may open it as an archive in turn, and closes its blob). Notes on
     `facts` the format, the member count, encryption, macros and the problems met. `raw_name`:
-    read a compressed single file as one member of that name (content libmagic calls compressed)."""
+    read a compressed single file as one member of that name (content libmagic calls compressed).
+
+    A zip is listed twice: by libarchive, which names each member by its local header, and by
+    its central directory, which is what Windows Explorer and 7-Zip list and extract by. A name
+    the central directory gives and libarchive did not (the two disagree, or libarchive stopped
+    at a limit or an error before that member) is yielded as a member of that name that was not
+    read (`Member.unread`), so that every name a recipient can see is judged."""
+    listed: list[str] = []
+    stopped = yield from _listing(blob, facts, budget, raw_name, new_blob, listed)
+    if raw_name is None and (facts.archive_format.upper().startswith("ZIP") or not facts.archive_format):
+        yield from _central_members(blob, facts, budget, new_blob, listed, stopped)
+
+
+def _listing(blob: Blob, facts: FileBuilder, budget: Budget, raw_name: str | None,
+             new_blob: Callable[[str], Blob], listed: list[str]) -> Iterator[Member]:
+    """libarchive's listing (see `members`); returns (kind, detail) when it stopped before the
+    end of the archive, else None. The names of the members it yields are added to `listed`."""
     limits = budget.limits
+    stopped = None
     p = ffi.read_new()
     keep = None
     outer_notes, notes = getattr(_local, "notes", None), []
@@ -147,24 +166,31 @@ def members(blob: Blob, facts: FileBuilder, budget: Budget, raw_name: str | None
             budget.check_time()
             if budget.closed:           # reached while a member of this one was being read
                 facts.problem(LIMIT, budget.closed)
-                return
+                return LIMIT, budget.closed
             facts.archive_format = facts.archive_format or _format(p)
-            if not entry.isreg:           # directories, links, devices: no content of their own
+            name = entry.pathname
+            name = name.decode("utf-8", "replace") if isinstance(name, bytes) else (name or "")
+            if raw_name is not None and facts.archive_format == "raw":
+                name = raw_name
+            listed.append(name)
+            if entry.isdir:               # no content of its own
                 continue
             budget.members += 1
             if budget.members > limits.archive_member_limit:
                 facts.problem(LIMIT, budget.reached("archive_member_limit"))
                 budget.closed = "archive_member_limit"
-                return
+                return LIMIT, "archive_member_limit"
             facts.members += 1
-            name = entry.pathname
-            name = name.decode("utf-8", "replace") if isinstance(name, bytes) else (name or "")
-            if raw_name is not None and facts.archive_format == "raw":
-                name = raw_name
             member = Member(name, new_blob(name), bool(_is_encrypted(entry._entry_p)))
             stop = ""
             try:
-                if not member.encrypted:
+                if not entry.isreg:
+                    # a link (or a device): Windows Explorer and 7-Zip on Windows know no Unix
+                    # modes and write a file of this name holding the link's target
+                    target = entry.linkpath or ""
+                    member.blob.write(target.encode("utf-8", "surrogateescape") if isinstance(target, str)
+                                      else target)
+                elif not member.encrypted:
                     for block in entry.get_blocks(BLOCK):
                         member.blob.write(block)
                         produced += len(block)
@@ -196,17 +222,19 @@ def members(blob: Blob, facts: FileBuilder, budget: Budget, raw_name: str | None
                 facts.macros = True
             yield member
             if stop:
-                return
+                return LIMIT, stop
             if member.problem is not None:
                 facts.problem(UNREADABLE, f"a member could not be read: {member.problem[1]}")
-                return            # after a data error libarchive's state is not to be trusted
+                return member.problem     # after a data error libarchive's state is not to be trusted
     except libarchive.ArchiveError as e:
         text = _error(e)
         if _encryption_error(text):
             facts.encrypted = True
             facts.problem(ENCRYPTED, text)
+            stopped = ENCRYPTED, text
         else:
             facts.problem(UNREADABLE, text)
+            stopped = UNREADABLE, text
     finally:
         ffi.read_free(p)
         del keep
@@ -215,3 +243,103 @@ def members(blob: Blob, facts: FileBuilder, budget: Budget, raw_name: str | None
             facts.problem(MALFORMED, f"archive: {note}")
         if facts.encrypted and not any(p.kind == ENCRYPTED for p in facts.problems):
             facts.problem(ENCRYPTED, "encrypted members")
+    return stopped
+
+
+# ---- the zip central directory ----------------------------------------------------------------
+
+_END = struct.Struct("<4s4H2IH")                 # end of central directory record
+_END64_LOCATOR = struct.Struct("<4sIQI")
+_END64 = struct.Struct("<4sQ2H2I2Q2Q")
+_CENTRAL = struct.Struct("<4s6H3I5H2I")          # a central directory file header, before its name
+_UNICODE_PATH = 0x7075                           # Info-ZIP Unicode Path extra field
+
+
+def _extra_names(extra: bytes) -> list[bytes]:
+    """UTF-8 names in Info-ZIP Unicode Path fields (7-Zip and Info-ZIP show these instead)."""
+    names, pos = [], 0
+    while pos + 4 <= len(extra):
+        tag, size = struct.unpack_from("<HH", extra, pos)
+        body = extra[pos + 4:pos + 4 + size]
+        if tag == _UNICODE_PATH and len(body) > 5 and body[0] == 1:
+            names.append(body[5:])
+        pos += 4 + size
+    return names
+
+
+def central_names(f, size: int, limit: int) -> list[str] | None:
+    """The names a zip's central directory gives its files (and their Unicode Path fields),
+    decoded as libarchive's names are; None when there is no central directory to read. At most
+    `limit` records are read, one at a time: a directory of any size costs no more memory."""
+    tail = min(size, _END.size + 0xFFFF)
+    f.seek(size - tail)
+    data = f.read(tail)
+    at = data.rfind(b"PK\x05\x06")
+    if at < 0 or len(data) - at < _END.size:
+        return None
+    end = size - tail + at
+    _sig, _disk, _cd_disk, _here, _total, cd_size, cd_offset, _comment = _END.unpack_from(data, at)
+    if (cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF) and end >= _END64_LOCATOR.size:
+        f.seek(end - _END64_LOCATOR.size)
+        sig, _disk, where, _disks = _END64_LOCATOR.unpack(f.read(_END64_LOCATOR.size))
+        if sig == b"PK\x06\x07" and where + _END64.size <= end:
+            f.seek(where)
+            record = f.read(_END64.size)
+            if record[:4] == b"PK\x06\x06":
+                cd_size, cd_offset = _END64.unpack(record)[-2:]
+                end = where
+    # readers differ: some start where the offset says, others where the directory must begin
+    # to end at the end record (bytes put in front of the zip shift both); read both
+    names: list[str] = []
+    for start in dict.fromkeys((end - cd_size, cd_offset)):
+        if not 0 <= start <= end:
+            continue
+        f.seek(start)
+        pos, records = start, 0
+        while pos + _CENTRAL.size <= end and records < limit:
+            head = f.read(_CENTRAL.size)
+            if len(head) < _CENTRAL.size or head[:4] != b"PK\x01\x02":
+                break
+            fields = _CENTRAL.unpack(head)
+            n, m, k = fields[10], fields[11], fields[12]
+            raw, extra = f.read(n), f.read(m)
+            f.seek(k, 1)
+            pos += _CENTRAL.size + n + m + k
+            records += 1
+            for name in (raw, *_extra_names(extra)):
+                text = name.decode("utf-8", "replace")
+                if text and not text.endswith(("/", "\\")):   # a directory: no content of its own
+                    names.append(text)
+    return list(dict.fromkeys(names))
+
+
+def _central_members(blob: Blob, facts: FileBuilder, budget: Budget, new_blob: Callable[[str], Blob],
+                     listed: list[str], stopped: tuple[str, str] | None) -> Iterator[Member]:
+    """Members named by the zip's central directory that libarchive did not list, by name only."""
+    if not blob.complete:
+        return
+    try:
+        names = central_names(blob.open(), blob.size, budget.limits.archive_member_limit + 1)
+    except (OSError, struct.error):
+        return
+    # libarchive writes a Windows zip's "docs\\a.txt" as "docs/a.txt", as Windows itself reads it
+    seen = {n.replace("\\", "/") for n in listed}
+    for name in names or ():
+        if name.replace("\\", "/") in seen:
+            continue
+        seen.add(name.replace("\\", "/"))
+        budget.check_time()
+        budget.members += 1
+        if budget.members > budget.limits.archive_member_limit:
+            facts.problem(LIMIT, budget.reached("archive_member_limit"))
+            budget.closed = "archive_member_limit"
+            return
+        facts.members += 1
+        if stopped is None:
+            problem = (MALFORMED, "zip: the central directory names a file no local header does")
+            facts.problem(*problem)
+        else:
+            problem = stopped
+        member = Member(name, new_blob(name), problem=problem, unread=True)
+        member.blob.finish()
+        yield member

@@ -25,6 +25,7 @@ PROBLEM_KINDS = (MALFORMED, LIMIT, ENCRYPTED, UNREADABLE)
 DISPOSITION = "content-disposition"      # Content-Disposition: ...; filename=
 CONTENT_TYPE = "content-type"            # Content-Type: ...; name=
 ARCHIVE = "archive"                      # a member's path inside its archive
+EMBEDDED = "embedded"                    # "begin 644 NAME" or "=ybegin ... name=" in a text body
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class FileFacts:
     """One file: a leaf MIME part or a member of an archive."""
     part: str                            # MIME part path, IMAP style: "1", "2.1", "2.1.3"
     names: tuple[Name, ...] = ()         # MIME: filename= and name= (both when both sent); member: its path
+                                         # (or the zip central directory's, when that differs); a file
+                                         # uuencoded in a text: its "begin" line's
     declared_type: str = ""              # Content-Type as sent, lower case, no parameters; "" for members
     disposition: str = ""                # "attachment", "inline" or "" (none sent; members: "")
     detected_type: str = ""              # libmagic's MIME type of the content

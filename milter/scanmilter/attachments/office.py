@@ -28,16 +28,45 @@ _MACRO_CONTENT_TYPES = re.compile(rb"vnd\.ms-office\.vbaproject|macroenabled", r
 
 
 def ole_facts(fileobj: io.RawIOBase | io.BufferedIOBase) -> tuple[bool, bool, str]:
-    """(macros, encrypted, error) of an OLE compound file, read from a seekable file object."""
+    """(macros, encrypted, error) of an OLE compound file, read from a seekable file object.
+
+    olefile builds the directory's tree and only logs what it cannot follow (a loop, an entry
+    used twice): the branch is dropped, and with it a VBA storage. So every entry of the
+    directory is also read flat, whatever the tree says; entries the tree does not reach make
+    the file unreadable (an error), and a VBA storage among them still counts as macros."""
     try:
         fileobj.seek(0)
         # always a file object: olefile takes a short bytes argument for a file name to open
         with olefile.OleFileIO(fileobj) as ole:
-            paths = {tuple(p.lower() for p in entry) for entry in ole.listdir(streams=True, storages=True)}
+            listed = ole.listdir(streams=True, storages=True)
+            paths = {tuple(p.lower() for p in entry) for entry in listed}
+            flat = _flat_entries(ole.directory_fp.getvalue())
+            issues = [message for _kind, message in ole.parsing_issues]
     except Exception as e:  # olefile raises OSError, struct.error, IndexError... on broken files
         return False, False, f"OLE: {type(e).__name__}: {e}"[:200]
-    macros = any(path[:len(s)] == s for path in paths for s in _VBA_STORAGES)
-    return macros, bool(paths & _ENCRYPTED_STREAMS), ""
+    names = set(flat)
+    macros = any(path[:len(s)] == s for path in paths for s in _VBA_STORAGES) or (_STORAGE, "vba") in names
+    encrypted = bool(paths & _ENCRYPTED_STREAMS) or {(_STREAM, p[0]) for p in _ENCRYPTED_STREAMS} <= names
+    error = ""
+    if len(flat) > len(listed):
+        error = (f"OLE: {len(flat) - len(listed)} of {len(flat)} directory entries outside its tree"
+                 + (f" ({issues[0]})" if issues else ""))[:200]
+    return macros, encrypted, error
+
+
+_STORAGE, _STREAM = 1, 2
+
+
+def _flat_entries(directory: bytes) -> list[tuple[int, str]]:
+    """(type, lower-case name) of every storage and stream in an OLE directory stream (entries of
+    128 bytes: the name in UTF-16, its length in bytes with the final NUL, the entry's type)."""
+    entries = []
+    for at in range(0, len(directory) - 127, 128):
+        size = int.from_bytes(directory[at + 64:at + 66], "little")
+        kind = directory[at + 66]
+        if 2 <= size <= 64 and kind in (_STORAGE, _STREAM):
+            entries.append((kind, directory[at:at + size - 2].decode("utf-16-le", "replace").lower()))
+    return entries
 
 
 def ooxml_macro_part(member: str, head: bytes) -> bool:

@@ -12,7 +12,9 @@ a boundary, a boundary that never comes, a multipart not closed, parts after the
 boundary, nesting past mime_nesting_limit, duplicate Content-* fields, header lines that are no
 header field) as message problems; broken encodings (bad base64, an unknown transfer encoding)
 as problems of the part. A multipart whose boundary never appears is still a file: its body is
-walked as one leaf, so a broken structure never reads as "no attachment".
+walked as one leaf, so a broken structure never reads as "no attachment". An attached message
+sent in base64 or quoted-printable (RFC 2046 forbids it; mail clients open it all the same) is
+decoded to a temporary file and walked like any other, and reported.
 
 Part numbers follow IMAP (RFC 3501): the body of a single-part message is "1"; the parts of a
 multipart are "1", "2", ...; inside part 2, "2.1", "2.2"; the body of an attached message/rfc822
@@ -21,7 +23,9 @@ part 3 is "3.1" (or its parts "3.1", "3.2" when it is a multipart).
 from __future__ import annotations
 
 import binascii
+import functools
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -36,6 +40,7 @@ DELIMITER_BYTES = 1024
 _LOOKAHEAD = 4 * DELIMITER_BYTES
 _WANTED = ("content-type", "content-disposition", "content-transfer-encoding")
 _IDENTITY = ("", "7bit", "8bit", "binary")
+KNOWN_ENCODINGS = _IDENTITY + ("base64", "quoted-printable")
 _WHITESPACE = b" \t\r\n"
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=]")
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+$")      # printable ASCII but ":" (RFC 5322)
@@ -49,6 +54,7 @@ class Part:
     disposition: str = ""
     names: tuple[Name, ...] = ()
     problems: list[str] = field(default_factory=list)
+    encoding: str = ""                  # Content-Transfer-Encoding, lower case ("" when none)
 
 
 class Sink(Protocol):
@@ -210,38 +216,62 @@ class _Scanner:
         """Feed everything up to the next delimiter line of a boundary in `stack` to `emit`, and
         consume that line; return (index of its boundary in `stack`, whether it closes), or None
         at the end of the data. The line break before a delimiter belongs to the delimiter (RFC 2046),
-        so the last line break seen is held back until the next line proves not to be one."""
+        so the last line break seen is held back until the next line proves not to be one.
+
+        Delimiter lines are found by one compiled pattern of the boundaries in `stack`, searched
+        over the whole buffer at C speed: a body made of lines that merely start with "--" (or
+        with "--" and a boundary) costs no more than any other text."""
         held = b""
         buf = self._buf
+        at_start, inside = _delimiters(tuple(stack)) if stack else (None, None)
         while True:
             if len(buf) < _LOOKAHEAD:
-                self._fill(_LOOKAHEAD)
+                self._fill(_LOOKAHEAD)       # from here on: at least _LOOKAHEAD bytes, or the end of the data
             if not buf:
                 emit(held)
                 return None
-            if self.line_start and buf[:2] == b"--" and stack:
-                end = buf.find(b"\n", 0, DELIMITER_BYTES)
-                line = bytes(buf[:end + 1]) if end != -1 else (bytes(buf) if self._eof and len(buf) <= DELIMITER_BYTES else b"")
-                found = _match(line, stack) if line else None
+            if stack and self.line_start and buf[:2] == b"--":
+                m = at_start.match(buf)
+                found = _match(m.group(), stack) if m is not None else None
                 if found is not None:
-                    del buf[:len(line)]
+                    del buf[:m.end()]
                     self.line_start = True
                     return found
-            j = buf.find(b"\n--", 0)
-            if j != -1:
-                cut = j + 1
-            else:
-                # keep "\r\n-" at the end: it may start a delimiter line
-                cut = len(buf) if self._eof else len(buf) - 3
-                if cut <= 0:
-                    self._fill(len(buf) + READ_BYTES)
-                    continue
+            cut = len(buf)
+            if stack:
+                for m in inside.finditer(buf):
+                    if not m.group().endswith(b"\n") and not self._eof:
+                        cut = m.start() + 1          # may be a delimiter once more data comes
+                        break
+                    if _match(m.group(1), stack) is not None:
+                        cut = m.start() + 1          # up to and with the line break before it
+                        break
+                else:
+                    if not self._eof:
+                        # keep the last line if it could be a delimiter cut off by the end of the buffer
+                        k = buf.rfind(b"\n", max(len(buf) - _DELIMITER_LINE, 0))
+                        cut = k + 1 if k != -1 else len(buf) - _DELIMITER_LINE
             chunk = bytes(buf[:cut])
             del buf[:cut]
             self.line_start = chunk.endswith(b"\n")
             eol = b"\r\n" if chunk.endswith(b"\r\n") else b"\n" if self.line_start else b""
             emit(held + chunk[:len(chunk) - len(eol)])
             held = eol
+
+
+# The longest delimiter line: "--", a boundary (at most DELIMITER_BYTES // 2, see Walker._entity),
+# "--", transport padding and carriage returns (at most DELIMITER_BYTES each), the line feed.
+_DELIMITER_LINE = 2 + DELIMITER_BYTES // 2 + 2 + 2 * DELIMITER_BYTES + 1
+
+
+@functools.lru_cache(maxsize=256)
+def _delimiters(stack: tuple[bytes, ...]) -> tuple[re.Pattern, re.Pattern]:
+    """Patterns of a delimiter line of any boundary in `stack`: at the start of the buffer, and
+    after a line feed inside it (group 1: the line). Padding is bounded and possessive, so no
+    input makes the search go back over what it has read."""
+    line = (rb"--(?:" + b"|".join(re.escape(b) for b in stack) + rb")(?:--)?"
+            + rb"[ \t]{0,%d}+\r{0,%d}+(?:\n|\Z)" % (DELIMITER_BYTES, DELIMITER_BYTES))
+    return re.compile(line), re.compile(rb"\n(" + line + rb")")
 
 
 # ---- headers ---------------------------------------------------------------------------------
@@ -261,8 +291,9 @@ def _unfold(lines: list[bytes]) -> bytes:
 class Walker:
     """Walks one message; `open_leaf(part)` gives the sink for each leaf's decoded content."""
 
-    def __init__(self, reader, budget: Budget, open_leaf: Callable[[Part], Sink]):
+    def __init__(self, reader, budget: Budget, open_leaf: Callable[[Part], Sink], directory: str | None = None):
         self.scan = _Scanner(reader, budget)
+        self.directory = directory          # where decoded attached messages are kept while walked
         self.budget = budget
         self.limits = budget.limits
         self.open_leaf = open_leaf
@@ -368,9 +399,30 @@ class Walker:
         elif nested and encoding in _IDENTITY:
             # an attached message: its body is numbered under this part
             return self._entity(path, True, level + 1, stack, "text/plain")
+        elif nested and encoding in ("base64", "quoted-printable"):
+            # RFC 2046 allows only 7bit, 8bit and binary here, but mail clients decode the message
+            # and show its attachments: so is it walked
+            self._problem(f"part {path}: {ctype} part with {encoding} transfer encoding")
+            return self._encoded_message(path, level + 1, stack, encoding)
         elif nested:
             problems.append(f"{ctype} part with {encoding} transfer encoding (not looked into)")
         return self._leaf(path, fields, ctype, problems, stack)
+
+    def _encoded_message(self, path: str, level: int, stack: list[bytes], encoding: str):
+        """An attached message sent in base64 or quoted-printable: decoded into an unnamed
+        temporary file (never whole in memory) and walked from there, numbered under `path`.
+        Each level decodes to at most the size of its input, so the files stay bounded."""
+        d = decoder(encoding)
+        with tempfile.TemporaryFile(dir=self.directory) as decoded:
+            term = self.scan.body(stack, lambda data: decoded.write(d.feed(data)))
+            decoded.write(d.final())
+            decoded.seek(0)
+            inner = Walker(decoded, self.budget, self.open_leaf, self.directory)
+            inner.problems = self.problems
+            inner._entity(path, True, level, [], "text/plain")
+            for problem in d.problems:
+                self._problem(f"part {path}: {problem}")
+        return term
 
     def _params(self, fields, header: str, param: str, raw: bool = False) -> list:
         out = []
@@ -399,7 +451,7 @@ class Walker:
         names, more = self._names(fields)
         disposition = N.split_value(N.text(fields.get("content-disposition", [b""])[0]))[0]
         encoding = N.split_value(fields.get("content-transfer-encoding", [b""])[0].decode("latin-1"))[0]
-        part = Part(path, ctype, disposition, names, list(dict.fromkeys(problems + more)))
+        part = Part(path, ctype, disposition, names, list(dict.fromkeys(problems + more)), encoding)
         d = decoder(encoding)
         sink = self.open_leaf(part)
         term = None

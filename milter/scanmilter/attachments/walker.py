@@ -4,8 +4,9 @@ parts.py walks the MIME structure and decodes each leaf into a Blob (its first b
 the whole file in an unnamed temporary file only when an archive or OLE check needs it). Each
 file is then judged: libmagic on its first bytes (detect.py), olefile on OLE files (office.py),
 libarchive on archives (archives.py), whose members are judged the same way in turn, down to
-archive_depth_limit. Everything runs under one Budget (limits.py): a limit reached is a fact in
-the report, never an exception and never a clean result.
+archive_depth_limit. A file uuencoded or yEncoded inside a text (embedded.py) is a file of that
+part, judged the same way. Everything runs under one Budget (limits.py): a limit reached is a fact
+in the report, never an exception and never a clean result.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from typing import Callable
 from . import archives, names as N, office
 from .blob import Blob
 from .detect import ARCHIVE_EXTENSIONS, detect, is_archive_type, is_compressed_type, is_ole
-from .facts import ARCHIVE, ENCRYPTED, LIMIT, MALFORMED, UNREADABLE, FileBuilder, Problem, Report
+from .embedded import Embedded
+from .facts import ARCHIVE, EMBEDDED, ENCRYPTED, LIMIT, MALFORMED, UNREADABLE, FileBuilder, Problem, Report
 from .limits import Budget, Limits, Stop
-from .parts import Part, Walker as PartWalker
+from .parts import KNOWN_ENCODINGS, Part, Walker as PartWalker
 
 
 class _Walk:
@@ -31,6 +33,21 @@ class _Walk:
 
     def open_leaf(self, part: Part) -> "_Leaf":
         facts = FileBuilder(part.path, part.names, part.declared_type, part.disposition)
+        leaf = _Leaf(self, facts, self.blob_for(facts))
+        # uuencode and yEnc inside a text, or a part sent in a transfer encoding of theirs
+        # (x-uuencode, x-yencode: passed on as they are, and mail clients decode them)
+        if part.declared_type == "text/plain" or part.encoding not in KNOWN_ENCODINGS:
+            leaf.embedded = Embedded(lambda name: self.embedded_file(part, name))
+        return leaf
+
+    def embedded_file(self, part: Part, name: str) -> "_Leaf":
+        """A file encoded inside the text of `part` (embedded.py): a file of that part, counted
+        against mime_part_limit as a part of its own."""
+        self.budget.parts += 1
+        if self.budget.parts > self.budget.limits.mime_part_limit:
+            self.budget.reached("mime_part_limit")
+            raise Stop("mime_part_limit")
+        facts = FileBuilder(part.path, (N.normalise(name, EMBEDDED),))
         return _Leaf(self, facts, self.blob_for(facts))
 
     def blob_for(self, facts: FileBuilder) -> Blob:
@@ -111,7 +128,10 @@ class _Walk:
                 if member.problem is not None:
                     mf.problem(*member.problem)
                 try:
-                    self.judge(mf, member.blob)
+                    if member.unread:       # named by a zip's central directory only: judged by name
+                        self.files.append(mf.freeze())
+                    else:
+                        self.judge(mf, member.blob)
                 finally:
                     member.blob.close()
 
@@ -129,9 +149,12 @@ class _Leaf:
 
     def __init__(self, walk: _Walk, facts: FileBuilder, blob: Blob):
         self.walk, self.facts, self.blob = walk, facts, blob
+        self.embedded: Embedded | None = None
 
     def write(self, data: bytes) -> None:
         self.blob.write(data)
+        if self.embedded is not None:
+            self.embedded.feed(data)
 
     def close(self, problems: list[str]) -> None:
         try:
@@ -139,6 +162,8 @@ class _Leaf:
                 self.facts.problem(MALFORMED, p)
             self.blob.finish()
             self.walk.judge(self.facts, self.blob)
+            if self.embedded is not None:
+                self.embedded.close()
         finally:
             self.blob.close()
 
@@ -152,7 +177,7 @@ def walk(reader, limits: Limits, directory: str | None = None,
     whole message as spooled: header lines, blank line, body). Never raises on the message's
     content: what could not be done is a problem in the report."""
     w = _Walk(limits, directory, clock)
-    mime = PartWalker(reader, w.budget, w.open_leaf)
+    mime = PartWalker(reader, w.budget, w.open_leaf, directory)
     complete = True
     problems: list[Problem] = []
     try:

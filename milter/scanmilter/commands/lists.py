@@ -103,19 +103,24 @@ def _set_settings(conn, items: list[tuple[str, str, str, object]], by: str, comm
 def _check_against_policy(cfg, conn, items=(), removed=None) -> None:
     """Settings set (`items`) or removed (`removed(setting)` true) must leave this host's merged
     policy valid (thresholds in order, a quarantine for virus_action = "quarantine"): the daemons
-    would refuse the whole refresh otherwise."""
+    would leave that recipient's database settings out otherwise."""
     if not items and removed is None:
         return
     file_policy, _ = policyfile.check(cfg.policy_file, quarantine_available=bool(quarantine.location(cfg)))
     copy = S.read(conn, cfg.shared_lists_entry_limit)
     replaced = {(d, r, k) for d, r, k, _ in items}
-    settings = [s for s in copy.settings
-                if (s.direction, s.recipient, s.key) not in replaced and not (removed and removed(s))]
+    gone = [s for s in copy.settings if removed and removed(s)]
+    settings = [s for s in copy.settings if (s.direction, s.recipient, s.key) not in replaced and s not in gone]
     settings += [S.RecipientSetting(d, r, k, v, "", None) for d, r, k, v in items]
     try:
-        S.merge(file_policy, S.Copy(copy.instance, copy.revision, copy.changed_at, copy.entries, tuple(settings)))
+        merged, _ = S.merge(file_policy, S.Copy(copy.instance, copy.revision, copy.changed_at, copy.entries,
+                                                tuple(settings)))
     except ConfigError as e:
         raise UsageError(f"refused, nothing changed: {e}") from None
+    touched = {(d, r) for d, r, _, _ in items} | {(s.direction, s.recipient) for s in gone}
+    broken = [why for scope, why in getattr(merged, "left_out", {}).items() if scope in touched]
+    if broken:
+        raise UsageError(f"refused, nothing changed: {broken[0]}")
 
 
 def _comment(text: str) -> str:
@@ -210,6 +215,8 @@ def cmd_show(cfg, database, args) -> int:
         return EXIT_OK
     print(f"# shared lists in {database.redacted}: revision {copy.revision}, changed {S.when(copy.changed_at)}; "
           f"{len(copy.entries)} entries, {len(copy.settings)} settings in all")
+    for why in copy.left_out:       # written past scanmilter's checks (psql): no host applies them
+        print(f"# not in force anywhere: {_show(why)}")
     for e in entries:
         print(f"{e.list} {_show(e.value)}  added by {_show(e.by)} at {S.when(e.at)}"
               + (f"  # {_show(e.comment)}" if e.comment else ""))

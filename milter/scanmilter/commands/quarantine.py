@@ -402,7 +402,8 @@ def cmd_import(store, cfg, args) -> int:
     for entry_id, reason in failed:
         print(f"scanmilter: import {entry_id}: {escape(reason)}", file=sys.stderr)
     print(f"imported {written} {'entry' if written == 1 else 'entries'} from {directory} into {pg.describe()}; "
-          f"{present} were there already" + (f"; {len(failed)} could not be imported" if failed else "")
+          f"{present} were there already (or deleted there since)"
+          + (f"; {len(failed)} could not be imported" if failed else "")
           + ("; the imported entries were removed from the directory" if args.remove else ""))
     return EXIT_INCOMPLETE if failed else EXIT_OK
 

@@ -34,6 +34,7 @@ class FallbackStore(Store):
         self.fallback_puts = 0          # messages held locally because PostgreSQL failed (the metrics)
         self.moved = 0                  # entries moved into PostgreSQL by this process
         self.on_fallback = None         # called for each message held locally (the daemon's metrics)
+        self.on_moved = None            # called with how many entries a run moved (the daemon's metrics)
 
     def local(self) -> FileStore:
         """The local file store, opened at its first use (a command that never needs it may run
@@ -66,14 +67,20 @@ class FallbackStore(Store):
 
     def move_waiting(self, failed: list | None = None) -> int:
         """Move the local entries into PostgreSQL; how many were moved. StoreError when the
-        database cannot be reached (the rest wait for the next try)."""
+        database cannot be reached (the rest wait for the next try): what that run moved before
+        is counted all the same (`moved`, on_moved)."""
         with self._moving:
             local = self.local()
             if not any(True for _ in local.ids_on_disk()):
                 return 0
-            written, present = self.pg.import_from(local, remove=True, action="moved", failed=failed)
-            self.moved += written + present
-            return written + present
+            done: list[str] = []
+            try:
+                self.pg.import_from(local, remove=True, action="moved", failed=failed, done=done)
+            finally:
+                self.moved += len(done)
+                if done and self.on_moved is not None:
+                    self.on_moved(len(done))
+            return len(done)
 
     def recover(self, min_age: float = 0.0) -> int:
         return self.local().recover(min_age)

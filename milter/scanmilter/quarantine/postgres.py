@@ -261,7 +261,10 @@ class PgStore(Store):
 
     def put_entry(self, meta: dict, data: bytes, action: str) -> bool:
         """Keep an entry under its own id (a move or an import from a file store): True when it was
-        written, False when the database has it already (so that doing it again changes nothing)."""
+        written, False when the database has it already, or had it and it was deleted or purged
+        there since (so that doing it again changes nothing, and a move cut short between the
+        database's commit and the removal of the local copy never brings back an entry that an
+        admin deleted)."""
         meta = {**meta, "host": meta.get("host") or self.host,
                 "release_address": meta.get("release_address") or self.release_address}
         meta.setdefault("size", len(data))
@@ -270,18 +273,26 @@ class PgStore(Store):
         except (ValueError, TypeError) as e:
             raise StoreError(f"entry {meta.get('id')}: {e}") from None
         with self._conn(action) as conn:
+            # the row lock first: a delete of this entry in progress commits its event before we look
+            if conn.execute("SELECT 1 FROM quarantine_entries WHERE id = %s FOR UPDATE", (row["id"],)).fetchone():
+                return False
+            if conn.execute("SELECT 1 FROM quarantine_events WHERE entry_id = %s AND action IN ('delete', 'purge') "
+                            "LIMIT 1", (row["id"],)).fetchone():
+                return False
             written = conn.execute(_INSERT, {**row, "message": zlib.compress(data, COMPRESSION_LEVEL)}).fetchone()
             if written:
                 conn.execute(_EVENT, (meta["id"], self.host, self.actor, action, None))
         return bool(written)
 
     def import_from(self, files, remove: bool = False, action: str = "import",
-                    failed: list | None = None) -> tuple[int, int]:
+                    failed: list | None = None, done: list | None = None) -> tuple[int, int]:
         """Copy every entry of a file store (files.FileStore) into the database, keyed by its id:
-        (written, there already). With `remove`, each entry leaves the file store once the
-        database has it, so that nothing is lost or kept twice however often this runs or stops.
+        (written, there already or deleted there since). With `remove`, each entry leaves the file
+        store once the database has (or had) it, so that nothing is lost, kept twice or brought
+        back however often this runs or stops.
         An entry that cannot be copied is added to `failed` as (id, reason); an unreachable
-        database ends the run (StoreError)."""
+        database ends the run (StoreError). Each entry done is added to `done` at once, so that a
+        run cut short still tells what it did."""
         written = present = 0
         for entry_id in sorted(files.ids_on_disk()):
             try:
@@ -290,6 +301,8 @@ class PgStore(Store):
                     if remove:                              # only once the database has it
                         files.delete(entry_id, action="moved")
                 written, present = written + fresh, present + (not fresh)
+                if done is not None:
+                    done.append(entry_id)
             except NotFound:
                 continue                                    # moved by another process meanwhile
             except StoreError as e:

@@ -44,8 +44,11 @@ CREATE TABLE scanmilter_recipient_settings (
         WHEN key = 'scan_failure_action' THEN value IN ('"tempfail"', '"accept"')
         WHEN key = 'oversize_action' THEN value IN ('"skip"', '"tag"', '"reject"')
         WHEN key = 'quarantine_action' THEN value IN ('"discard"', '"reject"')
+        WHEN key IN ('malformed_action', 'limit_action', 'unreadable_action')
+            THEN value IN ('"tag"', '"tempfail"', '"reject"', '"quarantine"')
         WHEN key = 'subject_tag' THEN value ~ '^"[ -~]*"$'
-        WHEN key IN ('virus_reply', 'spam_reply', 'tempfail_reply', 'block_reply', 'quarantine_reply')
+        WHEN key IN ('virus_reply', 'spam_reply', 'tempfail_reply', 'block_reply', 'quarantine_reply',
+                     'banned_reply', 'unchecked_reply', 'malformed_reply')
             THEN value ~ '^".*"$'
         ELSE false END)
 );

@@ -13,10 +13,10 @@
 SECURITY: a GET never changes anything (mail security products follow every link in a message);
 every POST carries a form token, an HMAC of a random cookie (SameSite=Strict, HttpOnly, Secure)
 and of what the form acts on (links.py), so another site cannot make a browser post, and a
-scanner that does not keep cookies cannot either. Held content is shown only as text (text.py),
-in autoescaped templates, under a Content-Security-Policy that allows no script at all, no
-framing and forms only to this site; Referrer-Policy no-referrer keeps link tokens out of other
-sites' logs, and pages are not cached.
+scanner that does not keep cookies cannot either. Held content is shown only as text (text.py,
+made in a child process killed after web_render_timeout), in autoescaped templates, under a
+Content-Security-Policy that allows no script at all, no framing and forms only to this site;
+Referrer-Policy no-referrer keeps link tokens out of other sites' logs, and pages are not cached.
 """
 from __future__ import annotations
 
@@ -142,12 +142,19 @@ def create_app(cfg, store, rules, keys, metrics: WebMetrics | None = None, clock
 
     def rendering(entry_id, limit, all_headers=False):
         try:
-            return text.render(store.message(entry_id), limit, all_headers)
+            data = store.message(entry_id)
         except NotFound:
             raise
         except StoreError as e:
             log.warning("web: cannot read %s: %s", entry_id, escape(str(e)))
             return text.Rendering(body="(the message cannot be read right now)", body_kind="raw")
+        try:
+            return text.render_apart(data, limit, all_headers, cfg.web_render_timeout)
+        except text.RenderError as e:
+            log.warning("web: %s is shown without its content: %s", entry_id, escape(str(e), 500))
+            return text.Rendering(body="(the content of this message could not be shown: it is too complex to "
+                                       "make into text here; the postmaster can read it with `scanmilter "
+                                       "quarantine show`)", body_kind="raw")
 
     @app.get("/r/<token>")
     def recipient_entry(token):

@@ -8,14 +8,25 @@ whole. Everything shown then goes through the templates' autoescaping. Control c
 the Unicode marks that reorder what is shown (bidirectional overrides and isolates) become "?",
 so that a Subject or a file name cannot pose as something else. Sizes are bounded: headers are cut
 at HEADER_LIMIT characters, bodies at web_preview_limit.
+
+Time is bounded too: the web page renders in a child process (`render_apart`), killed after
+web_render_timeout. The standard library's parsers take time that grows faster than their input on
+some hostile input (html.parser rescans the rest of the input for each unclosed tag: hours for 1 MB
+of "<a "; the email package spends tens of seconds on a Content-Type of thousands of parameters, and
+nesting of thousands of parts ends in RecursionError); a page view then costs at most the timeout.
 """
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.errors
 import email.header
 import email.policy
+import json
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
@@ -107,16 +118,21 @@ class Rendering:
     attachments: list[tuple[str, str, int]] = field(default_factory=list)   # (name, type, bytes)
 
 
+def _parsed_part(limit: int) -> int:
+    """Bytes of a message that are parsed: a body far beyond what is shown need not be."""
+    return max(limit * 4, 64 * 1024)
+
+
 def render(data: bytes, limit: int, all_headers: bool = False) -> Rendering:
-    """The headers (SHOWN_HEADERS, or all), the body as text and the attachments of a message."""
+    """The headers (SHOWN_HEADERS, or all), the body as text and the attachments of a message.
+    Unbounded in time on hostile input: the web page calls `render_apart`."""
     out = Rendering()
-    # work on a bounded copy: a body far beyond what is shown need not be parsed
-    msg = email.message_from_bytes(data[:max(limit * 4, 64 * 1024)], policy=email.policy.compat32)
+    msg = email.message_from_bytes(data[:_parsed_part(limit)], policy=email.policy.compat32)
     for name, value in msg.items():
         if all_headers or name.lower() in {h.lower() for h in SHOWN_HEADERS}:
             out.headers.append((safe(name, 100), safe(decoded(value))))
     try:
-        modern = email.message_from_bytes(data[:max(limit * 4, 64 * 1024)], policy=email.policy.default)
+        modern = email.message_from_bytes(data[:_parsed_part(limit)], policy=email.policy.default)
         part = modern.get_body(preferencelist=("plain", "html"))
         if part is not None:
             content = part.get_content()
@@ -135,3 +151,38 @@ def render(data: bytes, limit: int, all_headers: bool = False) -> Rendering:
         out.body, out.body_kind = (raw[1] if len(raw) > 1 else b"").decode("utf-8", "replace"), "raw"
     out.body = safe_block(out.body, limit)
     return out
+
+
+class RenderError(Exception):
+    """A message that could not be rendered within the time allowed (or made the renderer fail)."""
+
+
+def render_apart(data: bytes, limit: int, all_headers: bool, timeout: float) -> Rendering:
+    """`render` in a child process killed after `timeout` seconds; RenderError when it did not
+    finish or failed. The child is this interpreter in isolated mode (no environment, no working
+    directory on its path), importing this very package."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    command = [sys.executable, "-I", "-c",
+               "import sys; sys.path.insert(0, sys.argv[1]); from scanmilter.web.text import _child; _child()",
+               package_parent, str(limit), "all" if all_headers else "shown"]
+    try:
+        done = subprocess.run(command, input=data[:_parsed_part(limit)], capture_output=True, timeout=timeout,
+                              check=True, env={})
+        shown = json.loads(done.stdout)
+        return Rendering(headers=[(str(n), str(v)) for n, v in shown["headers"]], body=str(shown["body"]),
+                         body_kind=str(shown["body_kind"]),
+                         attachments=[(str(n), str(t), int(b)) for n, t, b in shown["attachments"]])
+    except subprocess.TimeoutExpired:
+        raise RenderError(f"not rendered within web_render_timeout ({timeout:g}s)") from None
+    except subprocess.CalledProcessError as e:
+        last = e.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no message"]
+        raise RenderError(f"the renderer failed: {safe(last[0], 300)}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RenderError(f"the renderer could not run: {safe(str(e), 300)}") from None
+
+
+def _child() -> None:
+    """The child of `render_apart`: a message on standard input, its Rendering as JSON on standard output."""
+    limit, which = int(sys.argv[2]), sys.argv[3]
+    shown = render(sys.stdin.buffer.read(), limit, which == "all")
+    sys.stdout.buffer.write(json.dumps(dataclasses.asdict(shown)).encode("ascii"))
