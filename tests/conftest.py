@@ -1,3 +1,4 @@
+import logging
 import shutil
 import sys
 import tempfile
@@ -53,6 +54,21 @@ def stack_with(request):
     yield start
     for s in started:
         s.stop()
+
+
+@pytest.fixture
+def logged(caplog):
+    """caplog with the scanmilter logger's records, whatever earlier tests left that logger like
+    (logs.setup() cuts it off from the root; a reload sets its level)."""
+    logger = logging.getLogger("scanmilter")
+    saved = logger.propagate, logger.level
+    logger.addHandler(caplog.handler)
+    logger.propagate = False                # each record once, through caplog's handler
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.propagate = saved[0]
+    logger.setLevel(saved[1])               # not .level =: setLevel clears the logging module's cache
 
 
 @pytest.fixture(scope="session")

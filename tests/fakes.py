@@ -156,3 +156,57 @@ def feed(h, headers, body=b"hello\r\n", sender="<a@example.org>", rcpts=("<u@exa
 
 HAM = ScanResult("spamd", "clean", score=0.1, required=5.0, rules=("NO_RELAYS",))
 CLEAN = ScanResult("clamd", "clean")
+
+
+# ---------------------------------------------------------------- an SMTP server that keeps what it is sent
+class Sink(Server):
+    """An SMTP server on 127.0.0.1 (a free port) that keeps each message it accepts in `messages`:
+    {"mail": the MAIL command, "rcpt": the recipients' addresses, "rcpt_lines": the RCPT commands,
+    "data": the content, dots unstuffed}. It offers `extensions` in its EHLO answer; `gate()` runs
+    before the final 250 of a message, so that a test can hold a delivery open. Its address:
+    `address` (host, port), `port`, or `setting` as a release address setting."""
+
+    def __init__(self, gate=None, extensions=("8BITMIME", "SMTPUTF8")):
+        self.gate, self.extensions, self.messages = gate, [e.encode() for e in extensions], []
+        # through the attribute, so that a test can wrap `_session`
+        super().__init__(lambda server, conn: server._session(conn), port=0)
+        self.address = self.sock.getsockname()
+        self.port = self.address[1]
+        self.setting = f"inet:127.0.0.1:{self.port}"
+
+    @property
+    def connections(self) -> int:
+        return len(self.conns)
+
+    def _session(self, conn):
+        with conn, conn.makefile("rb") as f:
+            conn.sendall(b"220 sink\r\n")
+            envelope = {"mail": b"", "rcpt": [], "rcpt_lines": []}
+            for line in f:
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    lines = [b"sink", *self.extensions]
+                    conn.sendall(b"".join(b"250-" + x + b"\r\n" for x in lines[:-1]) + b"250 " + lines[-1] + b"\r\n")
+                elif verb == b"MAIL":
+                    envelope = {"mail": line.rstrip(), "rcpt": [], "rcpt_lines": []}
+                    conn.sendall(b"250 ok\r\n")
+                elif verb == b"RCPT":
+                    envelope["rcpt"].append(line.partition(b"<")[2].partition(b">")[0].decode("utf-8", "surrogateescape"))
+                    envelope["rcpt_lines"].append(line.rstrip())
+                    conn.sendall(b"250 ok\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go\r\n")
+                    data = []
+                    for body_line in f:
+                        if body_line == b".\r\n":
+                            break
+                        data.append(body_line[1:] if body_line.startswith(b".") else body_line)
+                    if self.gate:
+                        self.gate()
+                    self.messages.append({**envelope, "data": b"".join(data)})
+                    conn.sendall(b"250 queued\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok\r\n" if verb in (b"RSET", b"NOOP", b"HELO") else b"502 no\r\n")

@@ -56,29 +56,16 @@ def test_virus_reject_reply_doubles_percent():
     assert h._ctx.reply == ("550", "5.7.1", "100%% sure: Win.100_.Bad")
 
 
-@pytest.fixture
-def records(caplog):
-    """The scanmilter logger's records, whether or not logs.setup() cut it off from the root."""
-    logger = logging.getLogger("scanmilter")
-    saved = logger.propagate, logger.level
-    logger.addHandler(caplog.handler)
-    logger.propagate = False                # each record once, through caplog's handler
-    logger.setLevel(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-    logger.propagate, logger.level = saved[0], saved[1]
-
-
-def test_a_bug_in_our_code_is_a_451_not_a_crash(records):
+def test_a_bug_in_our_code_is_a_451_not_a_crash(logged):
     h = handler(Engine("spamd", exc=None, result=None), Engine("clamd", CLEAN))   # result None -> bug
     assert feed(h, [("Subject", b" x")]) == Milter.TEMPFAIL
     assert h._ctx.reply[:2] == ("451", "4.7.1")
     assert h.rt.in_flight == 0
     # the README promises the error "logged with its traceback"
-    [rec] = [r for r in records.records if r.levelno == logging.ERROR]
+    [rec] = [r for r in logged.records if r.levelno == logging.ERROR]
     assert rec.getMessage() == "4XQID1: error in eom callback"
     assert rec.exc_info and rec.exc_info[0] is AttributeError
-    assert "Traceback (most recent call last)" in records.text and "AttributeError" in records.text
+    assert "Traceback (most recent call last)" in logged.text and "AttributeError" in logged.text
 
 
 def test_an_error_before_eom_is_answered_at_eom():
@@ -125,10 +112,8 @@ def test_engines_run_concurrently():
     assert [r.outcome for r in results] == ["clean", "clean"]
 
 
-def test_a_stuck_engine_thread_is_given_up_at_its_deadline():
-    import threading
-    release = threading.Event()
-
+def stuck_clamd(release):
+    """A clamd with a 0.1 s timeout whose scan waits for `release` (an Event)."""
     class Stuck(Engine):
         def scan(self, spool):
             release.wait(10)
@@ -136,6 +121,13 @@ def test_a_stuck_engine_thread_is_given_up_at_its_deadline():
 
     stuck = Stuck("clamd", CLEAN)
     stuck.timeout = 0.1
+    return stuck
+
+
+def test_a_stuck_engine_thread_is_given_up_at_its_deadline():
+    import threading
+    release = threading.Event()
+    stuck = stuck_clamd(release)
     from scanmilter import pipeline as pl
     old, pl.DEADLINE_GRACE = pl.DEADLINE_GRACE, 0.1
     try:
@@ -158,14 +150,7 @@ def test_a_scan_given_up_at_its_deadline_stays_in_flight_until_its_thread_leaves
     from scanmilter.message import Spool
     from scanmilter.metrics import Metrics
     release = threading.Event()
-
-    class Stuck(Engine):
-        def scan(self, spool):
-            release.wait(10)
-            return self.result
-
-    stuck = Stuck("clamd", CLEAN)
-    stuck.timeout = 0.1
+    stuck = stuck_clamd(release)
     metrics = Metrics(CollectorRegistry())
 
     def in_flight(engine):
@@ -187,7 +172,7 @@ def start(h, sender="<a@example.org>", rcpt="<u@example.com>"):
     h.envrcpt(rcpt)
 
 
-def test_a_flood_of_forged_verdict_headers_is_refused_unscanned_and_unedited(records):
+def test_a_flood_of_forged_verdict_headers_is_refused_unscanned_and_unedited(logged):
     spamd, clamd = Engine("spamd", HAM), Engine("clamd", CLEAN)
     h = handler(spamd, clamd)
     limit = h.rt.cfg.verdict_header_limit
@@ -204,7 +189,7 @@ def test_a_flood_of_forged_verdict_headers_is_refused_unscanned_and_unedited(rec
     assert h._ctx.calls == []                              # not one header edit for Postfix to apply
     assert spamd.seen == [] and clamd.seen == []           # not scanned
     assert h.rt.in_flight == 0
-    lines = [r.getMessage() for r in records.records]
+    lines = [r.getMessage() for r in logged.records]
     assert "4XQID1: 20000 header fields, over verdict_header_limit (50): reject, unscanned" in lines
     [summary] = [line for line in lines if "action=" in line]
     assert summary.startswith("4XQID1: action=reject, reason=headers, direction=inbound,")

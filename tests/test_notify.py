@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+import fakes
 from conftest import ROOT
 from scanmilter import cli, config, notify, policyfile
 from scanmilter import quarantine as Q
@@ -25,58 +26,7 @@ from scanmilter.web.links import Keys, LinkError
 KEY = b"k" * 48
 
 
-class Sink:
-    """An SMTP server on 127.0.0.1 in a thread that keeps each message it accepts. `gate()` runs
-    before the final 250, so that a test can hold a delivery open."""
-
-    def __init__(self, gate=None):
-        self.gate, self.messages = gate, []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self):
-        self.listener.close()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn):
-        with conn, conn.makefile("rb") as f:
-            conn.sendall(b"220 sink\r\n")
-            envelope = {"mail": b"", "rcpt": []}
-            for line in f:
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    conn.sendall(b"250-sink\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")
-                elif verb == b"MAIL":
-                    envelope = {"mail": line.strip(), "rcpt": []}
-                    conn.sendall(b"250 ok\r\n")
-                elif verb == b"RCPT":
-                    envelope["rcpt"].append(line.partition(b"<")[2].partition(b">")[0].decode())
-                    conn.sendall(b"250 ok\r\n")
-                elif verb == b"DATA":
-                    conn.sendall(b"354 go\r\n")
-                    data = []
-                    for body_line in f:
-                        if body_line == b".\r\n":
-                            break
-                        data.append(body_line[1:] if body_line.startswith(b".") else body_line)
-                    if self.gate:
-                        self.gate()
-                    self.messages.append({**envelope, "data": b"".join(data)})
-                    conn.sendall(b"250 queued\r\n")
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    return
-                else:
-                    conn.sendall(b"250 ok\r\n")
-
+class Sink(fakes.Sink):
     def digests(self):
         return [(m["rcpt"], email.message_from_bytes(m["data"], policy=email.policy.default)) for m in self.messages]
 

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from conftest import ROOT, scratch
+from fakes import Sink
 from scanmilter import app, cli, config, db
 from scanmilter import quarantine as Q
 from scanmilter.commands import postfix_check, selftest
@@ -99,60 +100,9 @@ def wait_for(condition, timeout=20.0) -> bool:
     return True
 
 
-class Sink:
-    """An SMTP server on 127.0.0.1 in a thread that keeps what it receives. `gate()` runs before
-    the final 250 of a message, so that a test can hold a delivery open."""
-
-    def __init__(self, gate=None):
-        self.gate, self.messages = gate, []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()
-        self.setting = f"inet:127.0.0.1:{self.address[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self):
-        self.listener.close()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn):
-        with conn, conn.makefile("rb") as f:
-            conn.sendall(b"220 sink\r\n")
-            rcpts = []
-            for line in f:
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    conn.sendall(b"250-sink\r\n250 8BITMIME\r\n")
-                elif verb == b"RCPT":
-                    rcpts.append(line.strip())
-                    conn.sendall(b"250 ok\r\n")
-                elif verb == b"DATA":
-                    conn.sendall(b"354 go\r\n")
-                    data = []
-                    for body_line in f:
-                        if body_line == b".\r\n":
-                            break
-                        data.append(body_line)
-                    if self.gate:
-                        self.gate()
-                    self.messages.append({"rcpt": rcpts, "data": b"".join(data)})
-                    conn.sendall(b"250 queued\r\n")
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    return
-                else:
-                    conn.sendall(b"250 ok\r\n")
-
-
 @pytest.fixture
 def sink():
-    s = Sink()
+    s = Sink(extensions=("8BITMIME",))
     yield s
     s.close()
 
@@ -348,7 +298,7 @@ def test_two_releases_from_two_processes_deliver_once_and_the_second_is_told_who
         # hold the first delivery until the other release waits for the entry's row lock
         if not seen:
             seen.append("waiting" if wait_for(lambda: waiting_locks(dsn) > 0) else "not waiting")
-    sink = Sink(gate)
+    sink = Sink(gate, extensions=("8BITMIME",))
     try:
         confs = {by: settings(tmp_path, dsn, host, quarantine_central_release_address=sink.setting)
                  for by, host in (("alice", "mx1.test"), ("bob", "mx2.test"))}
@@ -375,7 +325,7 @@ def test_a_delete_waits_for_a_release_in_progress_and_a_later_release_is_told_wh
     def gate():
         if not seen:
             seen.append("waiting" if wait_for(lambda: waiting_locks(dsn) > 0) else "not waiting")
-    sink = Sink(gate)
+    sink = Sink(gate, extensions=("8BITMIME",))
     try:
         mx1 = settings(tmp_path, dsn, "mx1.test", quarantine_central_release_address=sink.setting)
         mx2 = settings(tmp_path, dsn, "mx2.test")
@@ -739,7 +689,7 @@ def measure_figures(own_pg, tmp_path, capsys):
         figures["hold 8,000, 8 threads"] = time.monotonic() - start
     finally:
         store.close()
-    sink = Sink()
+    sink = Sink(extensions=("8BITMIME",))
     conf = settings(tmp_path, dsn, "mx2.test", quarantine_central_release_address=sink.setting)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "milter"))
 

@@ -5,7 +5,6 @@ import io
 import os
 import pwd
 import re
-import socket
 import sqlite3
 import stat
 import threading
@@ -14,6 +13,7 @@ import time
 import pytest
 
 from conftest import scratch
+from fakes import Sink
 from scanmilter import cli
 from scanmilter import quarantine as Q
 from scanmilter.commands import quarantine as QC
@@ -392,63 +392,7 @@ def test_root_keeps_owners_and_purge_goes_past_what_it_cannot_delete():
     assert sorted(os.listdir(os.path.join(q, "entries"))) == [f"{ids[1]}.json", f"{ids[1]}.msg"]
 
 
-# ---- release: a tiny SMTP server that counts what it receives
-
-class Sink:
-    """An SMTP server on 127.0.0.1 in a thread. `gate(sink)` runs before the final 250 of a
-    message, so a test can hold a delivery open while something else happens."""
-
-    def __init__(self, extensions=("8BITMIME", "SMTPUTF8"), gate=None):
-        self.extensions, self.gate = [e.encode() for e in extensions], gate
-        self.messages, self.connections = [], 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self):
-        self.listener.close()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn):
-        with conn, conn.makefile("rb") as f:
-            conn.sendall(b"220 sink\r\n")
-            envelope = {"mail": b"", "rcpt": []}
-            for line in f:
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    lines = [b"sink", *self.extensions]
-                    conn.sendall(b"".join(b"250-" + x + b"\r\n" for x in lines[:-1]) + b"250 " + lines[-1] + b"\r\n")
-                elif verb == b"MAIL":
-                    envelope = {"mail": line.rstrip(), "rcpt": []}
-                    conn.sendall(b"250 ok\r\n")
-                elif verb == b"RCPT":
-                    envelope["rcpt"].append(line.rstrip())
-                    conn.sendall(b"250 ok\r\n")
-                elif verb == b"DATA":
-                    conn.sendall(b"354 go\r\n")
-                    data = []
-                    for body_line in f:
-                        if body_line == b".\r\n":
-                            break
-                        data.append(body_line[1:] if body_line.startswith(b".") else body_line)
-                    if self.gate:
-                        self.gate(self)
-                    self.messages.append({**envelope, "data": b"".join(data)})
-                    conn.sendall(b"250 queued\r\n")
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    return
-                else:
-                    conn.sendall(b"250 ok\r\n" if verb in (b"RSET", b"NOOP", b"HELO") else b"502 no\r\n")
-
+# ---- release, to a Sink (fakes.py)
 
 @pytest.fixture
 def sink():
@@ -506,7 +450,7 @@ def test_release_uses_smtputf8_for_utf8_addresses(tmp_path, sink):
     assert QR.release(store, entry_id, sink.address, "me") == ["zoë@example.com"]
     [got] = sink.messages
     assert got["mail"].lower() == "mail from:<jöran@bücher.test> smtputf8".encode()      # bytes: ASCII only lowered
-    assert [r.lower() for r in got["rcpt"]] == ["rcpt to:<zoë@example.com>".encode()]
+    assert [r.lower() for r in got["rcpt_lines"]] == ["rcpt to:<zoë@example.com>".encode()]
 
 
 def release_cli(tmp_path, entry_id, address, capsys):
@@ -544,7 +488,7 @@ def test_two_concurrent_releases_deliver_once(tmp_path):
     msg_file = os.path.join(store.entries_dir, f"{entry_id}.msg")
     held_until = []
 
-    def gate(sink):
+    def gate():
         # hold the first delivery open until the second release either connected (no lock) or
         # waits for the entry's lock
         if not held_until:

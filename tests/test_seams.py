@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import io
 import json
-import logging
 import secrets
 import subprocess
 import sys
@@ -298,19 +297,6 @@ def test_a_store_of_another_kind_serves_the_quarantine_command(tmp_path, monkeyp
 class FailingStore(MemoryStore):
     def put(self, reader, meta, index_failed=None):
         raise KeyError("a bug in a store")
-
-
-@pytest.fixture
-def logged(caplog):
-    """The scanmilter logger's records, whether or not logs.setup() cut it off from the root."""
-    logger = logging.getLogger("scanmilter")
-    saved = logger.propagate, logger.level
-    logger.addHandler(caplog.handler)
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-    logger.propagate, logger.level = saved
 
 
 def test_a_store_that_fails_tempfails_and_logs_where_it_failed(logged):

@@ -370,18 +370,6 @@ def test_explain_says_when_the_database_cannot_be_read(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------- the daemon's copy
-@pytest.fixture
-def records(caplog):
-    logger = logging.getLogger("scanmilter")
-    saved = logger.propagate, logger.level
-    logger.addHandler(caplog.handler)
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-    logger.propagate, logger.level = saved
-
-
 def shared(dsn, tmp_path, **values):
     metrics = Metrics(CollectorRegistry())
     cfg = settings_for(dsn, database_connect_timeout=1.0, **values)
@@ -430,7 +418,7 @@ def test_without_notify_the_poll_applies_a_change_within_the_interval(capsys, co
         lists_.stop()
 
 
-def test_a_reload_keeps_the_database_merged_in_and_the_file_wins_a_conflict(capsys, conf, dsn, tmp_path, records):
+def test_a_reload_keeps_the_database_merged_in_and_the_file_wins_a_conflict(capsys, conf, dsn, tmp_path, logged):
     assert lists(capsys, conf, "add", "block_senders", "db@blocked.test")[0] == 0
     assert lists(capsys, conf, "add", "inbound:boss@example.com", "tag_level=18", "subject_tag_level=18")[0] == 0
     lists_, holder, _ = shared(dsn, tmp_path)
@@ -449,12 +437,12 @@ def test_a_reload_keeps_the_database_merged_in_and_the_file_wins_a_conflict(caps
     assert (boss.reject_level, boss.tag_level, boss.subject_tag_level) == (10.0, 5.0, 5.0)
     assert "db@blocked.test" in holder.policy.block_senders
     assert lists_.file_policy is conflicting and lists_.published is holder.policy
-    assert "thresholds out of order" in records.text and "left out on this host" in records.text
+    assert "thresholds out of order" in logged.text and "left out on this host" in logged.text
     lists_.database.close()
 
 
 def test_rows_that_do_not_validate_and_implausible_states_keep_the_last_good_copy(capsys, conf, dsn, tmp_path,
-                                                                                  records, postgres):
+                                                                                  logged, postgres):
     assert lists(capsys, conf, "add", "block_senders", "kept@blocked.test")[0] == 0
     lists_, holder, metrics = shared(dsn, tmp_path, shared_lists_entry_limit=3)
     lists_.start_up()
@@ -468,14 +456,14 @@ def test_rows_that_do_not_validate_and_implausible_states_keep_the_last_good_cop
         assert lists_.refresh() is False
         assert failures(metrics) == before + 1 and holder.policy is good
         assert "kept@blocked.test" in holder.policy.block_senders
-        assert message in records.text, records.text
+        assert message in logged.text, logged.text
     # a setting the table accepts but this host's file cannot (boss's reject_level is 20 in the file)
     # is left out, and the rest applies (test_a_row_scanmilter_refuses_is_left_out_and_never_freezes_...)
     postgres.psql("INSERT INTO scanmilter_recipient_settings (direction, recipient, key, value, set_by) "
                   "VALUES ('inbound', 'boss@example.com', 'tag_level', '25.0', 'psql')", dbname)
     assert lists_.refresh() and lists_.copy.revision > revision
     assert holder.policy.scope("inbound", "boss@example.com").tag_level == 5.0
-    assert "thresholds out of order" in records.text
+    assert "thresholds out of order" in logged.text
     postgres.psql("DELETE FROM scanmilter_recipient_settings", dbname)
     assert lists_.refresh()
     good = holder.policy
@@ -490,7 +478,7 @@ def test_rows_that_do_not_validate_and_implausible_states_keep_the_last_good_cop
             "the database is another one than before")
 
 
-def test_the_database_going_away_keeps_the_copy_and_the_age_rises_then_it_recovers(capsys, tmp_path, records):
+def test_the_database_going_away_keeps_the_copy_and_the_age_rises_then_it_recovers(capsys, tmp_path, logged):
     server = pg.PgServer(f"{scratch('scanmilter-pg-lists-')}/pg")
     server.start()
     try:
@@ -509,18 +497,18 @@ def test_the_database_going_away_keeps_the_copy_and_the_age_rises_then_it_recove
         assert procs.wait_until(lambda: age(metrics) > first + 1, 30)             # staleness rises
         assert "kept@blocked.test" in holder.policy.block_senders                  # never emptied
         assert "filed@blocked.test" in holder.policy.block_senders
-        assert "shared lists: refresh failed" in records.text and "keeping revision" in records.text
+        assert "shared lists: refresh failed" in logged.text and "keeping revision" in logged.text
         server.start()
         assert procs.wait_until(lambda: age(metrics) < 1, 30)                      # current again
         assert lists(capsys, conf, "add", "block_senders", "later@blocked.test")[0] == 0
         assert procs.wait_until(lambda: "later@blocked.test" in holder.policy.block_senders, 30)
-        assert "the database answers again" in records.text
+        assert "the database answers again" in logged.text
         lists_.stop()
     finally:
         server.stop("immediate")
 
 
-def test_a_database_down_at_start_up_leaves_the_file_policy_loudly_until_it_answers(capsys, tmp_path, records):
+def test_a_database_down_at_start_up_leaves_the_file_policy_loudly_until_it_answers(capsys, tmp_path, logged):
     server = pg.PgServer(f"{scratch('scanmilter-pg-lists-')}/pg")
     server.start()
     try:
@@ -535,7 +523,7 @@ def test_a_database_down_at_start_up_leaves_the_file_policy_loudly_until_it_answ
         assert holder.policy.block_senders == frozenset({"filed@blocked.test"})   # the file alone
         assert math.isinf(age(metrics)) and failures(metrics) >= 1
         assert any(r.levelno == logging.ERROR and "cannot be reached at start-up" in r.getMessage()
-                   for r in records.records)
+                   for r in logged.records)
         lists_.start()
         server.start()
         assert procs.wait_until(lambda: "db@blocked.test" in holder.policy.block_senders, 30)
@@ -554,7 +542,7 @@ def test_a_schema_that_does_not_match_stops_start_up(database, tmp_path):
 
 # ---------------------------------------------------------------- rows that do not fit
 def test_a_row_scanmilter_refuses_is_left_out_and_never_freezes_every_hosts_lists(capsys, conf, dsn, tmp_path,
-                                                                                  records):
+                                                                                  logged):
     # one row used to refuse every refresh on every host it did not fit, for good: later blocks
     # never arrived, and a restarted daemon ran with the policy file alone (no database list at all)
     assert lists(capsys, conf, "add", "block_senders", "kept@blocked.test")[0] == 0
@@ -582,7 +570,7 @@ def test_a_row_scanmilter_refuses_is_left_out_and_never_freezes_every_hosts_list
         assert policy.scope("inbound", "boss@example.com").tag_level == 5.0         # the file's [inbound]
         assert policy.scope("inbound", "anna@example.com").reject_level == 9.0      # the rest applies
         daemon.database.close()
-    text = records.text
+    text = logged.text
     assert "left out" in text and "'10/8'" in text and "Élise@x.test" in text and "boss@example.com" in text
     assert failures(metrics) == 0
 

@@ -5,13 +5,13 @@ search, paging, single and bulk actions recorded with who acted, the hold backen
 metrics, and `scanmilter web passwd`. Releases go to a small SMTP server in a thread."""
 import io
 import re
-import socket
 import sys
 import threading
 import time
 
 import pytest
 
+from fakes import Sink
 from scanmilter import cli, config, notify
 from scanmilter import quarantine as Q
 from scanmilter.commands import quarantine as QC
@@ -23,56 +23,6 @@ from scanmilter.web.links import Keys
 KEY = b"s" * 48
 EVERYONE = NotifyRules(send=True)
 PASSWORD = "correct horse battery staple"
-
-
-class Sink:
-    """An SMTP server on 127.0.0.1 in a thread that keeps each message it accepts."""
-
-    def __init__(self):
-        self.messages = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self):
-        self.listener.close()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn):
-        with conn, conn.makefile("rb") as f:
-            conn.sendall(b"220 sink\r\n")
-            rcpts = []
-            for line in f:
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    conn.sendall(b"250-sink\r\n250 8BITMIME\r\n")
-                elif verb == b"MAIL":
-                    rcpts = []
-                    conn.sendall(b"250 ok\r\n")
-                elif verb == b"RCPT":
-                    rcpts.append(line.partition(b"<")[2].partition(b">")[0].decode())
-                    conn.sendall(b"250 ok\r\n")
-                elif verb == b"DATA":
-                    conn.sendall(b"354 go\r\n")
-                    data = []
-                    for body_line in f:
-                        if body_line == b".\r\n":
-                            break
-                        data.append(body_line)
-                    self.messages.append({"rcpt": rcpts, "data": b"".join(data)})
-                    conn.sendall(b"250 queued\r\n")
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    return
-                else:
-                    conn.sendall(b"250 ok\r\n")
 
 
 class Site:
@@ -128,7 +78,7 @@ def csrf(page) -> str:
 
 @pytest.fixture
 def sink():
-    s = Sink()
+    s = Sink(extensions=("8BITMIME",))
     yield s
     s.close()
 

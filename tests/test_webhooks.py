@@ -69,21 +69,6 @@ def start():
     webhooks.finish(timeout=0)
 
 
-@pytest.fixture
-def logged(caplog):
-    """caplog with the scanmilter logger's records, whatever earlier tests left that logger like
-    (logs.setup() cuts it off from the root; a reload sets its level)."""
-    logger = logging.getLogger("scanmilter")
-    saved = logger.propagate, logger.level
-    logger.addHandler(caplog.handler)
-    logger.propagate = False                # each record once, through caplog's handler
-    logger.setLevel(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-    logger.propagate = saved[0]
-    logger.setLevel(saved[1])               # not .level =: setLevel clears the logging module's cache
-
-
 def count(metrics, name, **labels) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return value or 0.0
