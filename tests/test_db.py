@@ -37,6 +37,14 @@ def test_the_dsn_file_wins_and_must_be_private(tmp_path):
         db.read_dsn(cfg)
     with pytest.raises(db.DatabaseError, match="cannot read"):
         db.read_dsn(SimpleNamespace(database_dsn="", database_dsn_file=str(tmp_path / "none")))
+    f.write_bytes(b"host=/run/pg password=\xff\n")
+    f.chmod(0o600)
+    with pytest.raises(db.DatabaseError, match="not UTF-8 text"):
+        db.read_dsn(cfg)
+    f.write_text("host=/run/pg\n")
+    f.chmod(0o602)                  # writable by others: anyone could point the daemon elsewhere
+    with pytest.raises(db.DatabaseError, match="writable by every user"):
+        db.read_dsn(cfg)
     with pytest.raises(db.DatabaseError, match="no database"):
         db.read_dsn(SimpleNamespace(database_dsn="", database_dsn_file=""))
 

@@ -329,7 +329,8 @@ def test_secret_files_are_read_and_checked(tmp_path):
     def cfg(path):
         return load(tmp_path, table("https://example.org/", secret="", secret_file=str(path)))
     assert webhooks.hooks_from(cfg(secret_file(tmp_path, "  s3cret  \nsecond line\n")))[0].secret == b"s3cret"
-    for text, mode, error in (("s3cret\n", 0o644, "readable by every user"), ("\n", 0o600, "is empty")):
+    for text, mode, error in (("s3cret\n", 0o644, "readable by every user"), ("\n", 0o600, r"secret_file \S+: empty$"),
+                              ("s3cret\n", 0o602, "writable by every user")):
         with pytest.raises(config.ConfigError, match=error):
             webhooks.hooks_from(cfg(secret_file(tmp_path, text, mode)))
     with pytest.raises(config.ConfigError, match="cannot read"):

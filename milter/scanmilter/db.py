@@ -21,6 +21,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from .privatefile import PrivateFileError, first_line
+
 SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
 MIGRATION_LOCK = 0x5CA7_0001      # pg_advisory_xact_lock key: one migrating host at a time
 _FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
@@ -51,17 +53,10 @@ def read_dsn(cfg) -> str:
     """The connection string of the settings: database_dsn_file's first line, or database_dsn.
     DatabaseError when neither is set or the file cannot be read, or is readable by others."""
     if cfg.database_dsn_file:
-        path = Path(cfg.database_dsn_file)
         try:
-            if path.stat().st_mode & 0o004:
-                raise DatabaseError(f"{path}: readable by every user; it may hold a password (chmod o-r)")
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise DatabaseError(f"database_dsn_file {path}: cannot read: {e.strerror}") from None
-        dsn = lines[0].strip() if lines else ""
-        if not dsn:
-            raise DatabaseError(f"database_dsn_file {path}: empty")
-        return dsn
+            return first_line(cfg.database_dsn_file)
+        except PrivateFileError as e:
+            raise DatabaseError(f"database_dsn_file {cfg.database_dsn_file}: {e}") from None
     if cfg.database_dsn:
         return cfg.database_dsn
     raise DatabaseError("no database: set database_dsn_file (or database_dsn)")

@@ -39,11 +39,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import __version__, events
 from .config import ConfigError
 from .logs import escape, log
+from .privatefile import PrivateFileError, first_line
 
 LOG_INTERVAL = 60.0        # seconds: a repeated problem (drops, failures of one webhook) is logged this often
 SIGNATURE_HEADER = "X-Scanmilter-Signature-256"
@@ -71,18 +71,10 @@ def hooks_from(cfg) -> list[Hook]:
         label = table["name"] or str(i)
         secret = table["secret"]
         if table["secret_file"]:
-            path = Path(table["secret_file"])
             try:
-                if path.stat().st_mode & 0o004:
-                    raise ConfigError(f"webhook {label}: secret_file {path} is readable by every user (chmod o-r)")
-                lines = path.read_text(encoding="utf-8").splitlines()
-            except OSError as e:
-                raise ConfigError(f"webhook {label}: secret_file {path}: cannot read: {e.strerror}") from None
-            except UnicodeDecodeError:
-                raise ConfigError(f"webhook {label}: secret_file {path}: not UTF-8 text") from None
-            secret = lines[0].strip() if lines else ""
-            if not secret:
-                raise ConfigError(f"webhook {label}: secret_file {path} is empty")
+                secret = first_line(table["secret_file"])
+            except PrivateFileError as e:
+                raise ConfigError(f"webhook {label}: secret_file {table['secret_file']}: {e}") from None
         hooks.append(Hook(label, table["url"], frozenset(table["events"] or events.EVENTS), secret.encode(),
                           table["timeout"]))
     return hooks
